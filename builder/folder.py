@@ -1,0 +1,264 @@
+"""The dataset folder: the one format every part of spa-vl writes and reads.
+
+    <root>/README.md                         card: YAML (configs, dataset_info, licence) + prose
+    <root>/data/<domain>/{train,validation}-0000K-of-0000N.parquet
+    <root>/data/test/{harm,help}-0000K-of-0000N.parquet
+    <root>/manifest.json                     every file's sha256, bytes, rows; version; build config hash
+
+``DatasetFolderWriter`` builds it from rows in any order. Every row passes ``check_row`` first; the
+folder is assembled in a temporary sibling and renamed into place only when complete, so bad input
+leaves no output folder behind::
+
+    with DatasetFolderWriter("out/spa_vl", build_config={"source": "fixture"}) as w:
+        w.add(row, "train")
+    w.summary   # FolderSummary(rows={('malicious_use', 'train'): 120, ...}, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import DatasetInfo, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCardData
+
+from builder.errors import DataError
+from builder.schema import EVAL_FEATURES, PREFERENCE_FEATURES, check_row
+from builder.shards import DEFAULT_MAX_SHARD_BYTES, DEFAULT_ROW_GROUP_ROWS, Shard, ShardWriter
+from builder.taxonomy import Taxonomy
+
+FORMAT = "spa-vl-dataset/1"
+PREFERENCE_SPLITS = ("train", "validation")
+EVAL_SPLITS = ("harm", "help")
+TEST_CONFIG = "test"
+DEFAULT_CONFIG = "default"
+UNATTRIBUTED = "unattributed"  # train rows without labels: in `default` only, never in a domain config
+
+
+def config_data_files(domain_slugs: list[str]) -> dict[str, dict[str, str]]:
+    """config name → split → glob, relative to the folder root (what the README's `configs:` declares)."""
+    out = {DEFAULT_CONFIG: {s: f"data/*/{s}-*" for s in PREFERENCE_SPLITS}}
+    for slug in domain_slugs:
+        out[slug] = {s: f"data/{slug}/{s}-*" for s in PREFERENCE_SPLITS}
+    out[TEST_CONFIG] = {s: f"data/{TEST_CONFIG}/{s}-*" for s in EVAL_SPLITS}
+    return out
+
+
+def split_for(image_sha256: str, validation_fraction: float) -> str:
+    """Train or validation, from the image hash alone: one image never sits in two splits."""
+    return "validation" if int(image_sha256[:8], 16) < validation_fraction * 0x1_0000_0000 else "train"
+
+
+def build_config_hash(build_config: dict) -> str:
+    return hashlib.sha256(json.dumps(build_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FolderSummary:
+    root: Path
+    rows: dict[tuple[str, str], int]  # (folder under data/, split) → rows
+    config_rows: dict[str, dict[str, int]]  # config → split → rows, as `load_dataset` returns them
+    files: int
+    bytes: int
+    by_category: Counter = field(default_factory=Counter)  # (class1, class2, split) → rows
+    question_types: Counter = field(default_factory=Counter)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+
+class DatasetFolderWriter:
+    """Write a dataset folder atomically. Use as a context manager; ``add`` rows, in any order."""
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        taxonomy: Taxonomy | None = None,
+        build_config: dict | None = None,
+        version: str = "0.1.0",
+        card: dict | None = None,
+        overwrite: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+        decode: str | None = "header",
+    ):
+        self.out = Path(out)
+        self.taxonomy = taxonomy or Taxonomy.load()
+        self.build_config = build_config or {}
+        self.version = version
+        self.card = card or {}
+        self.decode = decode
+        self._shard_opts = {"max_shard_bytes": max_shard_bytes, "row_group_rows": row_group_rows}
+        if self.out.exists() and any(self.out.iterdir()) and not overwrite:
+            raise DataError("output folder exists and is not empty; pass --overwrite to replace it", file=str(out))
+        self._tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self._writers: dict[tuple[str, str], ShardWriter] = {}
+        self._by_category: Counter = Counter()
+        self._question_types: Counter = Counter()
+        self.summary: FolderSummary | None = None
+
+    # --- rows ------------------------------------------------------------------------------
+    def add(self, row: dict, split: str, *, file: str | None = None, index: int | None = None) -> None:
+        """Check a row and route it to its domain folder. ``file``/``index`` locate errors in the input."""
+        if split in PREFERENCE_SPLITS:
+            kind, features = "preference", PREFERENCE_FEATURES
+        elif split in EVAL_SPLITS:
+            kind, features = "eval", EVAL_FEATURES
+        else:
+            raise ValueError(f"unknown split {split!r}; expected one of {PREFERENCE_SPLITS + EVAL_SPLITS}")
+        try:
+            check_row(row, kind, self.taxonomy, allow_unattributed=(split == "train"), decode=self.decode)
+        except DataError as e:
+            raise e.located(file=file, row=index) from None
+        if kind == "eval":
+            folder = TEST_CONFIG
+        else:
+            folder = self.taxonomy.slug_for(row.get("class1")) or UNATTRIBUTED
+            if row.get("question_type"):
+                self._question_types[(row["question_type"], split)] += 1
+        self._by_category[(row.get("class1"), row.get("class2"), split)] += 1
+        self._writer(folder, split, features).write(row)
+
+    def _writer(self, folder: str, split: str, features) -> ShardWriter:
+        key = (folder, split)
+        if key not in self._writers:
+            self._writers[key] = ShardWriter(self._tmp / "data" / folder, split, features, **self._shard_opts)
+        return self._writers[key]
+
+    # --- finishing ---------------------------------------------------------------------------
+    def __enter__(self) -> "DatasetFolderWriter":
+        if self._tmp.exists():
+            shutil.rmtree(self._tmp)
+        self._tmp.mkdir(parents=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for w in self._writers.values():
+                w.abort()
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        try:
+            self.summary = self._finish()
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+
+    def _finish(self) -> FolderSummary:
+        # Every domain and the test set get their splits, empty if need be, so every config resolves.
+        for slug in self.taxonomy.slugs:
+            for split in PREFERENCE_SPLITS:
+                self._writer(slug, split, PREFERENCE_FEATURES)
+        for split in EVAL_SPLITS:
+            self._writer(TEST_CONFIG, split, EVAL_FEATURES)
+        shards: dict[tuple[str, str], list[Shard]] = {k: w.close() for k, w in sorted(self._writers.items())}
+
+        files = {}
+        for group in shards.values():
+            for s in group:
+                rel = s.path.relative_to(self._tmp).as_posix()
+                files[rel] = {"sha256": s.sha256, "bytes": s.bytes, "rows": s.rows}
+        manifest = {
+            "format": FORMAT,
+            "version": self.version,
+            "build_config_hash": build_config_hash(self.build_config),
+            "taxonomy": {"name": self.taxonomy.name, "sha256": self.taxonomy.sha256},
+            "files": dict(sorted(files.items())),
+        }
+        (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+        config_splits = self._config_splits(shards)
+        rows = {k: sum(s.rows for s in v) for k, v in shards.items()}
+        summary = FolderSummary(
+            root=self.out,
+            rows=rows,
+            config_rows={c: {s: info.num_examples for s, info in splits.items()} for c, splits in config_splits.items()},
+            files=len(files),
+            bytes=sum(f["bytes"] for f in files.values()),
+            by_category=self._by_category,
+            question_types=self._question_types,
+        )
+        from dataset_card.card import render_card  # the card reads the summary; import here avoids a cycle
+
+        yaml_data = card_yaml_data(self.taxonomy.slugs, config_splits, shards)
+        (self._tmp / "README.md").write_text(render_card(yaml_data, summary, self.taxonomy, self.version, self.card))
+        _swap_into_place(self._tmp, self.out)
+        return summary
+
+    def _config_splits(self, shards: dict[tuple[str, str], list[Shard]]) -> dict[str, dict[str, SplitInfo]]:
+        def split_info(name: str, groups: list[list[Shard]]) -> SplitInfo:
+            flat = [s for g in groups for s in g]
+            return SplitInfo(name=name, num_bytes=sum(s.num_bytes for s in flat), num_examples=sum(s.rows for s in flat))
+
+        out: dict[str, dict[str, SplitInfo]] = {DEFAULT_CONFIG: {}}
+        for split in PREFERENCE_SPLITS:
+            out[DEFAULT_CONFIG][split] = split_info(split, [v for (f, s), v in shards.items() if s == split and f != TEST_CONFIG])
+        for slug in self.taxonomy.slugs:
+            out[slug] = {split: split_info(split, [shards[(slug, split)]]) for split in PREFERENCE_SPLITS}
+        out[TEST_CONFIG] = {split: split_info(split, [shards[(TEST_CONFIG, split)]]) for split in EVAL_SPLITS}
+        return out
+
+
+def card_yaml_data(
+    slugs: list[str], config_splits: dict[str, dict[str, SplitInfo]], shards: dict[tuple[str, str], list[Shard]]
+) -> DatasetCardData:
+    """The card's YAML metadata: `configs` (data files per config) and `dataset_info` (features, counts)."""
+    card_data = DatasetCardData()
+    configs = {}
+    for name, splits in config_data_files(slugs).items():
+        configs[name] = {"data_files": [{"split": s, "path": p} for s, p in splits.items()]}
+    configs[DEFAULT_CONFIG]["default"] = True
+    MetadataConfigs(configs).to_dataset_card_data(card_data)
+
+    download = Counter()
+    for (folder, split), group in shards.items():
+        download[folder] += sum(s.bytes for s in group)
+    infos = {}
+    for name, splits in config_splits.items():
+        features = EVAL_FEATURES if name == TEST_CONFIG else PREFERENCE_FEATURES
+        split_dict = SplitDict()
+        for info in splits.values():
+            split_dict.add(info)
+        if name == DEFAULT_CONFIG:
+            size = sum(v for f, v in download.items() if f != TEST_CONFIG)
+        else:
+            size = download[name]
+        infos[name] = DatasetInfo(
+            features=features,
+            splits=split_dict,
+            download_size=size,
+            dataset_size=sum(i.num_bytes for i in splits.values()),
+            config_name=name,
+        )
+    DatasetInfosDict(infos).to_dataset_card_data(card_data)
+    return card_data
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an existing folder is replaced only after that succeeds."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError("not a spa-vl dataset folder: manifest.json missing", file=str(path)) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"manifest is not valid JSON: {e}", file=str(path)) from None

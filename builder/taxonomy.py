@@ -1,0 +1,206 @@
+"""The harm taxonomy: domains (class1) → categories (class2) → subcategories (class3).
+
+The taxonomy is data (``builder/taxonomy.yaml``); this module is its one loader. A user points the
+toolkit at their own file with ``--taxonomy FILE`` or ``Taxonomy.load(path)``::
+
+    tax = Taxonomy.load()
+    tax.domain("malicious_use").label            # 'Malicious Use'
+    tax.slug_for("Malicious Use")                 # 'malicious_use'
+    tax.contains("Malicious Use", "Security threats", "weapon")   # True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from builder.errors import DataError
+
+DEFAULT_TAXONOMY = Path(__file__).with_name("taxonomy.yaml")
+PROVENANCES = ("upstream", "provisional")
+_SLUG = re.compile(r"^[a-z][a-z0-9_]*$")
+# Config names the dataset folder already uses; a domain slug may not take them.
+RESERVED_SLUGS = ("default", "test", "unattributed")
+
+
+@dataclass(frozen=True)
+class Subcategory:
+    label: str
+    provenance: str
+
+
+@dataclass(frozen=True)
+class Category:
+    label: str
+    subcategories: tuple[Subcategory, ...]
+
+
+@dataclass(frozen=True)
+class Domain:
+    slug: str
+    label: str
+    categories: tuple[Category, ...]
+
+    @property
+    def subcategories(self) -> list[tuple[str, Subcategory]]:
+        """(class2, subcategory) pairs in file order."""
+        return [(c.label, s) for c in self.categories for s in c.subcategories]
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    name: str
+    domains: tuple[Domain, ...]
+    source: str
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Taxonomy":
+        """Read and check a taxonomy YAML file (the shipped one when ``path`` is None)."""
+        return _load_cached(str(Path(path or DEFAULT_TAXONOMY).resolve()))
+
+    # --- lookups -------------------------------------------------------------------------
+    def domain(self, slug: str) -> Domain:
+        for d in self.domains:
+            if d.slug == slug:
+                return d
+        raise KeyError(f"unknown domain config {slug!r}; known: {', '.join(self.slugs)}")
+
+    @property
+    def slugs(self) -> list[str]:
+        return [d.slug for d in self.domains]
+
+    def slug_for(self, class1: str | None) -> str | None:
+        """The config slug of a ``class1`` label, or None when the label is not a domain."""
+        return self._slug_by_label.get(class1)  # type: ignore[arg-type]
+
+    def contains(self, class1: str, class2: str | None = None, class3: str | None = None) -> bool:
+        """Whether the label path exists (a prefix of the path is enough)."""
+        if class3 is not None:
+            return (class1, class2, class3) in self._paths
+        if class2 is not None:
+            return (class1, class2) in self._categories
+        return class1 in self._slug_by_label
+
+    def paths(self) -> list[tuple[str, str, str]]:
+        """Every (class1, class2, class3) in file order."""
+        return [(d.label, c, s.label) for d in self.domains for c, s in d.subcategories]
+
+    def counts(self) -> dict[str, int]:
+        subs = [s for d in self.domains for _, s in d.subcategories]
+        return {
+            "domains": len(self.domains),
+            "categories": sum(len(d.categories) for d in self.domains),
+            "subcategories": len(subs),
+            "provisional": sum(s.provenance == "provisional" for s in subs),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "sha256": self.sha256,
+            "counts": self.counts(),
+            "domains": [
+                {
+                    "slug": d.slug,
+                    "label": d.label,
+                    "categories": [
+                        {
+                            "label": c.label,
+                            "subcategories": [
+                                {"label": s.label, "provenance": s.provenance} for s in c.subcategories
+                            ],
+                        }
+                        for c in d.categories
+                    ],
+                }
+                for d in self.domains
+            ],
+        }
+
+    def tree(self) -> str:
+        """A printable tree with counts; provisional subcategories are marked with '*'."""
+        c = self.counts()
+        lines = [
+            f"{self.name}: {c['domains']} domains, {c['categories']} categories, "
+            f"{c['subcategories']} subcategories ({c['provisional']} provisional, marked *)"
+        ]
+        for d in self.domains:
+            n_sub = len(d.subcategories)
+            lines.append(f"{d.label}  [{d.slug}]  ({len(d.categories)} categories, {n_sub} subcategories)")
+            for cat in d.categories:
+                subs = ", ".join(s.label + ("*" if s.provenance == "provisional" else "") for s in cat.subcategories)
+                lines.append(f"  {cat.label} ({len(cat.subcategories)}): {subs}")
+        return "\n".join(lines)
+
+    # --- derived indexes, built once per instance ------------------------------------------
+    def __post_init__(self):
+        object.__setattr__(self, "_slug_by_label", {d.label: d.slug for d in self.domains})
+        object.__setattr__(self, "_categories", {(d.label, c.label) for d in self.domains for c in d.categories})
+        object.__setattr__(self, "_paths", set(self.paths()))
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str) -> Taxonomy:
+    p = Path(path)
+    try:
+        raw_bytes = p.read_bytes()
+        raw = yaml.safe_load(raw_bytes)
+    except FileNotFoundError:
+        raise DataError(f"taxonomy file not found", file=path) from None
+    except yaml.YAMLError as e:
+        raise DataError(f"not valid YAML: {e}", file=path) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("domains"), list) or not raw["domains"]:
+        raise DataError("expected a mapping with a non-empty 'domains' list", file=path, field="domains")
+
+    domains, seen_slugs, seen_labels = [], set(), set()
+    for i, d in enumerate(raw["domains"]):
+        where = f"domains[{i}]"
+        if not isinstance(d, dict):
+            raise DataError("expected a mapping", file=path, field=where)
+        slug, label = d.get("slug"), d.get("label")
+        if not isinstance(slug, str) or not _SLUG.match(slug) or slug in RESERVED_SLUGS:
+            raise DataError(
+                f"slug must match {_SLUG.pattern} and not be one of {RESERVED_SLUGS}, got {slug!r}",
+                file=path, field=f"{where}.slug",
+            )
+        if not isinstance(label, str) or not label:
+            raise DataError("label must be a non-empty string", file=path, field=f"{where}.label")
+        if slug in seen_slugs or label in seen_labels:
+            raise DataError(f"duplicate domain {slug!r} / {label!r}", file=path, field=where)
+        seen_slugs.add(slug)
+        seen_labels.add(label)
+        cats = []
+        for j, c in enumerate(d.get("categories") or []):
+            cwhere = f"{where}.categories[{j}]"
+            if not isinstance(c, dict) or not isinstance(c.get("label"), str) or not c["label"]:
+                raise DataError("category needs a non-empty 'label'", file=path, field=cwhere)
+            subs = []
+            for k, s in enumerate(c.get("subcategories") or []):
+                swhere = f"{cwhere}.subcategories[{k}]"
+                if isinstance(s, str):  # bare label: treat as provisional
+                    s = {"label": s, "provenance": "provisional"}
+                if not isinstance(s, dict) or not isinstance(s.get("label"), str) or not s["label"]:
+                    raise DataError("subcategory needs a non-empty 'label'", file=path, field=swhere)
+                prov = s.get("provenance", "provisional")
+                if prov not in PROVENANCES:
+                    raise DataError(f"provenance must be one of {PROVENANCES}, got {prov!r}", file=path, field=swhere)
+                subs.append(Subcategory(s["label"], prov))
+            if not subs:
+                raise DataError("category has no subcategories", file=path, field=cwhere)
+            cats.append(Category(c["label"], tuple(subs)))
+        if not cats:
+            raise DataError("domain has no categories", file=path, field=where)
+        domains.append(Domain(slug, label, tuple(cats)))
+    return Taxonomy(
+        name=str(raw.get("name", p.stem)),
+        domains=tuple(domains),
+        source=str(p),
+        sha256=hashlib.sha256(raw_bytes).hexdigest(),
+    )

@@ -1,0 +1,29 @@
+"""Shared fixtures: small synthetic datasets written once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach the network: the Hub and any endpoint are loopback servers started by the tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def fixture_folder(tmp_path_factory):
+    """A small dataset folder in our layout (30 rows per domain, 10 eval rows per test split)."""
+    from builder.fixture import write_fixture
+
+    root = tmp_path_factory.mktemp("fixture") / "spa_vl"
+    write_fixture(root, rows_per_domain=30, eval_rows=10, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty `datasets`/`huggingface_hub` cache per test, so no test reads another's cache."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    return tmp_path / "hf_datasets"
