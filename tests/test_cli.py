@@ -1,0 +1,91 @@
+"""The `spa-vl` console script, run as a user runs it: a subprocess, its output and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.cli import CLI
+from builder.fixture import write_fixture
+
+SPA_VL = str(Path(sys.executable).with_name("spa-vl"))
+COMMANDS = [name for name in dir(CLI) if not name.startswith("_")]
+
+
+def run(*args, check_rc=0):
+    proc = subprocess.run([SPA_VL, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def test_taxonomy_tree_and_json():
+    tree = run("taxonomy").stdout
+    assert tree.startswith("spa-vl: 6 domains, 15 categories, 53 subcategories")
+    assert "Malicious Use  [malicious_use]" in tree
+    data = json.loads(run("taxonomy", "--json").stdout)
+    assert data["counts"]["subcategories"] == 53
+    assert [d["slug"] for d in data["domains"]][0] == "representation_toxicity"
+
+
+def test_taxonomy_from_a_user_file(tmp_path):
+    f = tmp_path / "tax.yaml"
+    f.write_text("name: mine\ndomains:\n- slug: only\n  label: Only Harms\n  categories:\n"
+                 "  - label: One\n    subcategories: [{label: a, provenance: upstream}]\n")
+    out = run("taxonomy", "--taxonomy", f).stdout
+    assert out.splitlines()[0] == "mine: 1 domains, 1 categories, 1 subcategories (0 provisional, marked *)"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domains: [")
+    proc = run("taxonomy", "--taxonomy", bad, check_rc=2)
+    assert str(bad) in proc.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    proc = subprocess.run([SPA_VL, command, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "Example" in proc.stdout and f"spa-vl {command}" in proc.stdout
+
+
+def test_fixture_command_writes_a_loadable_folder(tmp_path):
+    out = tmp_path / "fx"
+    proc = run("fixture", out, "--rows_per_domain", 6, "--eval_rows", 2)
+    assert proc.stdout.startswith("fixture: 40 rows")  # 6 domains x 2 images x 3 rows + 2 x 2 eval rows
+    assert (out / "manifest.json").exists() and (out / "README.md").exists()
+
+
+def test_bad_usage_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "fx"
+    proc = run("fixture", out, "--layout", "bogus", check_rc=2)
+    assert "layout" in proc.stderr
+    assert not out.exists()
+    assert run("no_such_command", check_rc=2)
+
+
+def test_existing_output_folder_is_refused(tmp_path):
+    out = tmp_path / "fx"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run("fixture", out, "--rows_per_domain", 3, "--eval_rows", 1, check_rc=2)
+    assert "--overwrite" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_import_upstream_bad_parquet_exits_2(tmp_path):
+    src, out = tmp_path / "up", tmp_path / "out"
+    write_fixture(src, rows_per_domain=3, eval_rows=1, layout="upstream", progress=False)
+    (src / "test" / "harm-00000-of-00001.parquet").write_bytes(b"this is not parquet")
+    proc = run("import_upstream", src, out, check_rc=2)
+    assert "harm-00000-of-00001.parquet" in proc.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    proc = run("demo", tmp_path / "demo")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("demo: ") and "rows in 8 configs" in last
+    assert "malicious_use" in proc.stdout
