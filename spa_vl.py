@@ -166,12 +166,12 @@ class SpaVL(datasets.ArrowBasedBuilder):
             where = source
         else:
             files, where = _hub_files(source, self.config.revision, patterns)
-        for split, found in files.items():
-            if not found:
-                raise FileNotFoundError(
-                    f"{where}: no files match {patterns[split]} for config {self.config.name!r}, split {split!r}; "
-                    "is this a spa-vl dataset folder (README.md, data/, manifest.json)?"
-                )
+        files = {split: found for split, found in files.items() if found}  # an empty split has no files
+        if not files:
+            raise FileNotFoundError(
+                f"{where}: no files match {' or '.join(patterns.values())} for config {self.config.name!r}; "
+                "is this a spa-vl dataset folder (README.md, data/, manifest.json)?"
+            )
         return files
 
     def _split_generators(self, dl_manager):

@@ -31,7 +31,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from builder.errors import DataError
-from builder.folder import DatasetFolderWriter, FolderSummary, split_for
+from builder.folder import DatasetFolderWriter, FolderSummary, split_for, swap_into_place
 from builder.schema import QUESTION_TYPES, image_sha256, row_id
 from builder.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from builder.taxonomy import Taxonomy
@@ -236,7 +236,7 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
     try:
         per_folder = Counter()
         with ShardWriter(tmp / "data", "train", UPSTREAM_TRAIN, max_shard_bytes=max_shard_bytes) as train, \
-             ShardWriter(tmp / "validation", "validation", UPSTREAM_VALIDATION) as val, \
+             ShardWriter(tmp / "validation", "validation", UPSTREAM_VALIDATION, max_shard_bytes=max_shard_bytes) as val, \
              zipfile.ZipFile(tmp / "train.zip", "w", compression=zipfile.ZIP_STORED) as zf:
             for slug in taxonomy.slugs:
                 for img in _images(taxonomy, slug, images_per_domain, **args):
@@ -255,16 +255,14 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
                             counts["train"] += 1
                     bar.update(1)
         for split in ("harm", "help"):
-            with ShardWriter(tmp / "test", split, UPSTREAM_TEST) as w:
+            with ShardWriter(tmp / "test", split, UPSTREAM_TEST, max_shard_bytes=max_shard_bytes) as w:
                 for img in _eval_images(taxonomy, split, eval_rows, **args):
                     row = eval_row(img, split)
                     w.write({k: row[k] for k in UPSTREAM_TEST} | {"image": {"bytes": img.image, "path": None}})
                     counts[split] += 1
                     bar.update(1)
         (tmp / "README.md").write_text(UPSTREAM_README)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -154,19 +154,14 @@ class DatasetFolderWriter:
             raise
 
     def _finish(self) -> FolderSummary:
-        # Every domain and the test set get their splits, empty if need be, so every config resolves.
-        for slug in self.taxonomy.slugs:
-            for split in PREFERENCE_SPLITS:
-                self._writer(slug, split, PREFERENCE_FEATURES)
-        for split in EVAL_SPLITS:
-            self._writer(TEST_CONFIG, split, EVAL_FEATURES)
         shards: dict[tuple[str, str], list[Shard]] = {k: w.close() for k, w in sorted(self._writers.items())}
-
         files = {}
         for group in shards.values():
             for s in group:
                 rel = s.path.relative_to(self._tmp).as_posix()
                 files[rel] = {"sha256": s.sha256, "bytes": s.bytes, "rows": s.rows}
+        if not files:
+            raise DataError("no rows to write", file=str(self.out))
         manifest = {
             "format": FORMAT,
             "version": self.version,
@@ -177,10 +172,9 @@ class DatasetFolderWriter:
         (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
         config_splits = self._config_splits(shards)
-        rows = {k: sum(s.rows for s in v) for k, v in shards.items()}
         summary = FolderSummary(
             root=self.out,
-            rows=rows,
+            rows={k: sum(s.rows for s in v) for k, v in shards.items()},
             config_rows={c: {s: info.num_examples for s, info in splits.items()} for c, splits in config_splits.items()},
             files=len(files),
             bytes=sum(f["bytes"] for f in files.values()),
@@ -189,53 +183,54 @@ class DatasetFolderWriter:
         )
         from dataset_card.card import render_card  # the card reads the summary; import here avoids a cycle
 
-        yaml_data = card_yaml_data(self.taxonomy.slugs, config_splits, shards)
+        yaml_data = card_yaml_data(config_splits, shards)
         (self._tmp / "README.md").write_text(render_card(yaml_data, summary, self.taxonomy, self.version, self.card))
-        _swap_into_place(self._tmp, self.out)
+        swap_into_place(self._tmp, self.out)
         return summary
 
     def _config_splits(self, shards: dict[tuple[str, str], list[Shard]]) -> dict[str, dict[str, SplitInfo]]:
-        def split_info(name: str, groups: list[list[Shard]]) -> SplitInfo:
-            flat = [s for g in groups for s in g]
-            return SplitInfo(name=name, num_bytes=sum(s.num_bytes for s in flat), num_examples=sum(s.rows for s in flat))
+        """config → split → counts, for the configs and splits that hold rows.
 
-        out: dict[str, dict[str, SplitInfo]] = {DEFAULT_CONFIG: {}}
-        for split in PREFERENCE_SPLITS:
-            out[DEFAULT_CONFIG][split] = split_info(split, [v for (f, s), v in shards.items() if s == split and f != TEST_CONFIG])
-        for slug in self.taxonomy.slugs:
-            out[slug] = {split: split_info(split, [shards[(slug, split)]]) for split in PREFERENCE_SPLITS}
-        out[TEST_CONFIG] = {split: split_info(split, [shards[(TEST_CONFIG, split)]]) for split in EVAL_SPLITS}
+        `datasets` cannot load a declared split with no rows, so an empty split is not declared
+        (and has no files), and a config with no rows at all is left out.
+        """
+        out: dict[str, dict[str, SplitInfo]] = {}
+        for config, patterns in config_data_files(self.taxonomy.slugs).items():
+            for split in patterns:
+                folders = [f for f, s in shards if s == split and (f == config or (config == DEFAULT_CONFIG and f != TEST_CONFIG))]
+                flat = [sh for f in folders for sh in shards[(f, split)]]
+                rows = sum(sh.rows for sh in flat)
+                if rows:
+                    out.setdefault(config, {})[split] = SplitInfo(
+                        name=split, num_bytes=sum(sh.num_bytes for sh in flat), num_examples=rows
+                    )
         return out
 
 
-def card_yaml_data(
-    slugs: list[str], config_splits: dict[str, dict[str, SplitInfo]], shards: dict[tuple[str, str], list[Shard]]
-) -> DatasetCardData:
+def card_yaml_data(config_splits: dict[str, dict[str, SplitInfo]], shards: dict[tuple[str, str], list[Shard]]) -> DatasetCardData:
     """The card's YAML metadata: `configs` (data files per config) and `dataset_info` (features, counts)."""
     card_data = DatasetCardData()
-    configs = {}
-    for name, splits in config_data_files(slugs).items():
-        configs[name] = {"data_files": [{"split": s, "path": p} for s, p in splits.items()]}
-    configs[DEFAULT_CONFIG]["default"] = True
+    patterns = config_data_files([c for c in config_splits if c not in (DEFAULT_CONFIG, TEST_CONFIG)])
+    configs = {
+        name: {"data_files": [{"split": s, "path": patterns[name][s]} for s in splits]}
+        for name, splits in config_splits.items()
+    }
+    if DEFAULT_CONFIG in configs:
+        configs[DEFAULT_CONFIG]["default"] = True
     MetadataConfigs(configs).to_dataset_card_data(card_data)
 
     download = Counter()
-    for (folder, split), group in shards.items():
+    for (folder, _), group in shards.items():
         download[folder] += sum(s.bytes for s in group)
     infos = {}
     for name, splits in config_splits.items():
-        features = EVAL_FEATURES if name == TEST_CONFIG else PREFERENCE_FEATURES
         split_dict = SplitDict()
         for info in splits.values():
             split_dict.add(info)
-        if name == DEFAULT_CONFIG:
-            size = sum(v for f, v in download.items() if f != TEST_CONFIG)
-        else:
-            size = download[name]
         infos[name] = DatasetInfo(
-            features=features,
+            features=EVAL_FEATURES if name == TEST_CONFIG else PREFERENCE_FEATURES,
             splits=split_dict,
-            download_size=size,
+            download_size=sum(v for f, v in download.items() if f != TEST_CONFIG) if name == DEFAULT_CONFIG else download[name],
             dataset_size=sum(i.num_bytes for i in splits.values()),
             config_name=name,
         )
@@ -243,13 +238,18 @@ def card_yaml_data(
     return card_data
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place; an existing folder is replaced only after that succeeds."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

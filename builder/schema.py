@@ -62,13 +62,20 @@ REQUIRED_TEXT = {
     "eval": ("id", "image_name", "question"),
 }
 
+# Nullable provenance of preference rows, and the Python type a present value must have.
+OPTIONAL_TYPES = {
+    "question_type": str, "chosen_model": str, "rejected_model": str, "judge_rationale": str,
+    "question_unsafe": bool, "chosen_unsafe": bool, "rejected_unsafe": bool,
+}
+
 
 def row_id(image_sha256: str, question: str, chosen: str | None = None, rejected: str | None = None) -> str:
     """Stable content hash of a row: same image bytes and texts, same id, whatever the file order."""
     h = hashlib.sha256()
     for part in (image_sha256, question, chosen or "", rejected or ""):
-        h.update(part.encode("utf-8"))
-        h.update(b"\x1f")
+        data = part.encode("utf-8")
+        h.update(len(data).to_bytes(8, "big"))  # length-prefixed: no two field splits hash alike
+        h.update(data)
     return h.hexdigest()[:32]
 
 
@@ -144,6 +151,10 @@ def check_row(
         if not value.strip():
             raise DataError("empty or whitespace-only text", field=name)
     if kind == "preference":
+        for name, types in OPTIONAL_TYPES.items():
+            value = row.get(name)
+            if value is not None and not isinstance(value, types):
+                raise DataError(f"expected {types.__name__} or null, got {type(value).__name__}", field=name)
         qt = row.get("question_type")
         if qt is not None and qt not in QUESTION_TYPES:
             raise DataError(f"question_type must be one of {QUESTION_TYPES} or null, got {qt!r}", field="question_type")

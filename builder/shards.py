@@ -115,7 +115,7 @@ class ShardWriter:
     def close(self) -> list[Shard]:
         """Finish the split: rename the parts to their final names and return their records.
 
-        A split with no rows still gets one empty shard, so every declared config and split resolves.
+        A split with no rows gets no file (`datasets` cannot load a declared split with no rows).
         """
         if self._closed:
             return self.shards
@@ -123,11 +123,6 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if not self._parts:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f".{self.split}-00000.parquet.tmp"
-            _open_writer(path, self.schema).close()
-            self._parts.append((path, 0, 0))
         n = len(self._parts)
         for k, (tmp, rows, nbytes) in enumerate(self._parts):
             final = self.directory / f"{self.split}-{k:05d}-of-{n:05d}.parquet"

@@ -62,7 +62,12 @@ class Taxonomy:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Taxonomy":
         """Read and check a taxonomy YAML file (the shipped one when ``path`` is None)."""
-        return _load_cached(str(Path(path or DEFAULT_TAXONOMY).resolve()))
+        p = Path(path or DEFAULT_TAXONOMY).resolve()
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise DataError("taxonomy file not found", file=str(p)) from None
+        return _load_cached(str(p), st.st_mtime_ns, st.st_size)  # an edited file is read again
 
     # --- lookups -------------------------------------------------------------------------
     def domain(self, slug: str) -> Domain:
@@ -147,13 +152,11 @@ class Taxonomy:
 
 
 @lru_cache(maxsize=8)
-def _load_cached(path: str) -> Taxonomy:
+def _load_cached(path: str, mtime_ns: int, size: int) -> Taxonomy:
     p = Path(path)
     try:
         raw_bytes = p.read_bytes()
         raw = yaml.safe_load(raw_bytes)
-    except FileNotFoundError:
-        raise DataError(f"taxonomy file not found", file=path) from None
     except yaml.YAMLError as e:
         raise DataError(f"not valid YAML: {e}", file=path) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("domains"), list) or not raw["domains"]:
@@ -165,7 +168,7 @@ def _load_cached(path: str) -> Taxonomy:
         if not isinstance(d, dict):
             raise DataError("expected a mapping", file=path, field=where)
         slug, label = d.get("slug"), d.get("label")
-        if not isinstance(slug, str) or not _SLUG.match(slug) or slug in RESERVED_SLUGS:
+        if not isinstance(slug, str) or not _SLUG.fullmatch(slug) or slug in RESERVED_SLUGS:
             raise DataError(
                 f"slug must match {_SLUG.pattern} and not be one of {RESERVED_SLUGS}, got {slug!r}",
                 file=path, field=f"{where}.slug",
@@ -177,17 +180,21 @@ def _load_cached(path: str) -> Taxonomy:
         seen_slugs.add(slug)
         seen_labels.add(label)
         cats = []
-        for j, c in enumerate(d.get("categories") or []):
+        for j, c in enumerate(_list(d, "categories", path, where)):
             cwhere = f"{where}.categories[{j}]"
             if not isinstance(c, dict) or not isinstance(c.get("label"), str) or not c["label"]:
                 raise DataError("category needs a non-empty 'label'", file=path, field=cwhere)
+            if c["label"] in {x.label for x in cats}:
+                raise DataError(f"duplicate category {c['label']!r}", file=path, field=cwhere)
             subs = []
-            for k, s in enumerate(c.get("subcategories") or []):
+            for k, s in enumerate(_list(c, "subcategories", path, cwhere)):
                 swhere = f"{cwhere}.subcategories[{k}]"
                 if isinstance(s, str):  # bare label: treat as provisional
                     s = {"label": s, "provenance": "provisional"}
                 if not isinstance(s, dict) or not isinstance(s.get("label"), str) or not s["label"]:
                     raise DataError("subcategory needs a non-empty 'label'", file=path, field=swhere)
+                if s["label"] in {x.label for x in subs}:
+                    raise DataError(f"duplicate subcategory {s['label']!r}", file=path, field=swhere)
                 prov = s.get("provenance", "provisional")
                 if prov not in PROVENANCES:
                     raise DataError(f"provenance must be one of {PROVENANCES}, got {prov!r}", file=path, field=swhere)
@@ -204,3 +211,12 @@ def _load_cached(path: str) -> Taxonomy:
         source=str(p),
         sha256=hashlib.sha256(raw_bytes).hexdigest(),
     )
+
+
+def _list(mapping: dict, key: str, path: str, where: str) -> list:
+    value = mapping.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{key} must be a list, got {type(value).__name__}", file=path, field=f"{where}.{key}")
+    return value
