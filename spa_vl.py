@@ -248,6 +248,7 @@ def load(
     streaming: bool = False,
     filters: Filters = None,
     cache_dir: Optional[str] = None,
+    keep_in_memory: bool = False,
     **config_kwargs,
 ):
     """Load one config of a spa-vl dataset from a folder or a Hub repo (``source``, else ``$SPA_VL_SOURCE``).
@@ -256,6 +257,10 @@ def load(
     when ``streaming``. ``filters`` keeps matching rows only, evaluated inside the parquet scan::
 
         spa_vl.load("malicious_use", "train", source="out/spa_vl", filters={"class3": ["theft", "malware"]})
+
+    ``keep_in_memory`` reads the shards straight into memory with pyarrow and writes no cache:
+    the fastest cold load, at the price of holding the whole config in RAM (use it for one domain
+    or a filtered slice, not for everything).
     """
     source = source or os.environ.get(SOURCE_ENV)
     if source is None:
@@ -266,7 +271,43 @@ def load(
     if not streaming:
         kwargs["data_fingerprint"] = _fingerprint(source, revision)
     builder = SpaVL(config_name=config, cache_dir=cache_dir, **kwargs)
+    if keep_in_memory and not streaming:
+        return _load_in_memory(builder, split)
     if streaming:
         return builder.as_streaming_dataset(split=split)
     builder.download_and_prepare()
     return builder.as_dataset(split=split)
+
+
+def _load_in_memory(builder: SpaVL, split: Optional[str]):
+    """Read a config's shards into in-memory Arrow tables: no cache written, no row copied twice."""
+    from datasets.table import InMemoryTable
+
+    cfg = builder.config
+    files = builder._resolve_files()
+    if split is not None and split not in files:
+        raise ValueError(f"unknown split {split!r} for config {cfg.name!r}; available: {list(files)}")
+    filesystem = None
+    if any(f.startswith("hf://") for fs in files.values() for f in fs):
+        from huggingface_hub import HfFileSystem
+
+        filesystem = HfFileSystem()
+        files = {s: [f[len("hf://"):] for f in fs] for s, fs in files.items()}
+    out = {}
+    for name, paths in files.items():
+        if split is not None and name != split:
+            continue
+        scan = ds.dataset(paths, format="parquet", filesystem=filesystem)
+        table = scan.to_table(columns=cfg.columns, filter=filters_to_expression(cfg.filters))
+        features = datasets.Features.from_arrow_schema(scan.schema)
+        if cfg.columns is not None:
+            features = datasets.Features({c: features[c] for c in cfg.columns})
+        # An explicit fingerprint: otherwise `datasets` hashes every byte of the table.
+        fingerprint = hashlib.sha256(repr((cfg.data_fingerprint, cfg.name, name, cfg.columns, str(cfg.filters))).encode()).hexdigest()[:16]
+        out[name] = datasets.Dataset(
+            InMemoryTable(table.cast(features.arrow_schema)),
+            info=datasets.DatasetInfo(features=features, description=_DESCRIPTION, citation=_CITATION, license=_LICENSE),
+            split=datasets.NamedSplit(name),
+            fingerprint=fingerprint,
+        )
+    return out[split] if split is not None else datasets.DatasetDict(out)

@@ -98,7 +98,8 @@ def _type_compatible(got: pa.DataType, want: pa.DataType) -> bool:
     if pa.types.is_string(want) or pa.types.is_large_string(want):
         return pa.types.is_string(got) or pa.types.is_large_string(got) or pa.types.is_null(got)
     if pa.types.is_struct(want):  # the Image feature: struct<bytes: binary, path: string>
-        return pa.types.is_struct(got) and got.get_field_index("bytes") >= 0
+        idx = got.get_field_index("bytes") if pa.types.is_struct(got) else -1
+        return idx >= 0 and (pa.types.is_binary(got.field(idx).type) or pa.types.is_large_binary(got.field(idx).type))
     if pa.types.is_boolean(want):
         return pa.types.is_boolean(got) or pa.types.is_null(got)
     return got.equals(want)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 # Tests never reach the network: the Hub and any endpoint are loopback servers started by the tests.
-os.environ.setdefault("HF_HUB_OFFLINE", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"  # the Hub tests point the libraries at a loopback server themselves
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
@@ -19,11 +19,3 @@ def fixture_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("fixture") / "spa_vl"
     write_fixture(root, rows_per_domain=30, eval_rows=10, seed=0, progress=False)
     return root
-
-
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty `datasets`/`huggingface_hub` cache per test, so no test reads another's cache."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    return tmp_path / "hf_datasets"

@@ -47,7 +47,8 @@ def test_taxonomy_from_a_user_file(tmp_path):
 def test_every_command_has_help_with_an_example(command):
     proc = subprocess.run([SPA_VL, command, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    assert "Example" in proc.stdout and f"spa-vl {command}" in proc.stdout
+    text = proc.stdout + proc.stderr  # fire writes help to stdout or stderr depending on its version
+    assert "Example" in text and f"spa-vl {command}" in text
 
 
 def test_fixture_command_writes_a_loadable_folder(tmp_path):

@@ -141,3 +141,19 @@ def test_filter_expression_forms_agree():
     assert t.filter(as_dict).to_pylist() == t.filter(as_dnf).to_pylist() == [{"class2": "Privacy", "class3": "a"}]
     with pytest.raises(TypeError):
         spa_vl.filters_to_expression("class2 == Privacy")
+
+
+def test_keep_in_memory_gives_the_same_rows_without_a_cache(fixture_folder, tmp_path):
+    cached = spa_vl.load("information_safety", source=str(fixture_folder), cache_dir=str(tmp_path / "c"))
+    memory = spa_vl.load("information_safety", source=str(fixture_folder), cache_dir=str(tmp_path / "m"),
+                         keep_in_memory=True)
+    assert not list((tmp_path / "m").rglob("*.arrow"))  # no cache written
+    for split in cached:
+        assert memory[split]["id"] == cached[split]["id"]
+        assert memory[split].features == cached[split].features
+    filtered = spa_vl.load("information_safety", "train", source=str(fixture_folder), keep_in_memory=True,
+                           filters={"class2": "Privacy"}, columns=["id", "class2"])
+    assert filtered.column_names == ["id", "class2"]
+    assert set(filtered["class2"]) == {"Privacy"}
+    with pytest.raises(ValueError, match="unknown split"):
+        spa_vl.load("test", "train", source=str(fixture_folder), keep_in_memory=True)
