@@ -157,3 +157,27 @@ def test_keep_in_memory_gives_the_same_rows_without_a_cache(fixture_folder, tmp_
     assert set(filtered["class2"]) == {"Privacy"}
     with pytest.raises(ValueError, match="unknown split"):
         spa_vl.load("test", "train", source=str(fixture_folder), keep_in_memory=True)
+
+
+@pytest.fixture
+def hub_repo(fixture_folder, tmp_path, monkeypatch):
+    """The session fixture folder served as `org/SPA-VL` at tag v0.1.0 by the loopback Hub server."""
+    from hub_server import HubServer, hub_env
+
+    with HubServer({"org/SPA-VL": {"main": fixture_folder, "v0.1.0": fixture_folder}}) as server:
+        hub_env(monkeypatch, server, tmp_path / "hf_home")
+        yield server
+
+
+@pytest.mark.parametrize("mode", ["prepared", "keep_in_memory", "streaming"])
+def test_load_from_a_hub_repo_at_a_pinned_revision(hub_repo, fixture_folder, tmp_path, mode):
+    local = spa_vl.load("malicious_use", "train", source=str(fixture_folder), cache_dir=str(tmp_path / "local"))
+    kwargs = {"keep_in_memory": mode == "keep_in_memory", "streaming": mode == "streaming"}
+    remote = spa_vl.load("malicious_use", "train", source="org/SPA-VL", revision="v0.1.0",
+                         cache_dir=str(tmp_path / "hub"), **kwargs)
+    ids = [r["id"] for r in remote] if mode == "streaming" else remote["id"]
+    assert ids == local["id"]
+    commit = hub_repo.commit("org/SPA-VL", "v0.1.0")
+    # the revision is pinned to its commit before any file is read, and only this domain's shards are fetched
+    shard_reads = [p for m, p in hub_repo.requests if m == "GET" and "/resolve/" in p and p.endswith(".parquet")]
+    assert shard_reads and all(f"/resolve/{commit}/data/malicious_use/" in p for p in shard_reads)
