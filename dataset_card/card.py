@@ -53,6 +53,11 @@ def render_card(card_data: DatasetCardData, summary, taxonomy, version: str, car
     for config, splits in summary.config_rows.items():
         for split, rows in splits.items():
             lines.append(f"| `{config}` | {split} | {rows:,} |")
+    if summary.question_types:
+        lines += ["", "## Question types", "", "| type | train | validation |", "|---|---:|---:|"]
+        for qt in ("easy", "hardq", "hards"):
+            n = [summary.question_types.get((qt, s), 0) for s in ("train", "validation")]
+            lines.append(f"| {qt} | {n[0]:,} | {n[1]:,} |")
     lines += [
         "",
         "## Rows per harm category",

@@ -417,3 +417,14 @@ def test_failed_swap_keeps_old_folder(tmp_path, monkeypatch):
     assert out.is_dir()
     assert {f: (out / f).read_bytes() for f in _rel_files(out)} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_card_counts_question_types(tmp_path):
+    from builder.fixture import write_fixture
+
+    root = tmp_path / "qt"
+    summary = write_fixture(root, rows_per_domain=6, eval_rows=1, progress=False)
+    card = (root / "README.md").read_text()
+    train = sum(n for (qt, split), n in summary.question_types.items() if qt == "easy" and split == "train")
+    assert train == summary.config_rows["default"]["train"] // 3  # one easy question per image
+    assert f"| easy | {train:,} |" in card
