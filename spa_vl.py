@@ -218,11 +218,15 @@ def _hub_files(repo_id: str, revision: Optional[str], patterns: dict[str, str]) 
     """List a Hub repo's shards at a revision pinned to its commit sha, as hf:// URLs."""
     from huggingface_hub import HfApi, HfFileSystem
 
-    sha = HfApi().dataset_info(repo_id, revision=revision, timeout=30).sha
+    sha = revision if _is_commit(revision) else HfApi().dataset_info(repo_id, revision=revision, timeout=30).sha
     fs = HfFileSystem()
     root = f"datasets/{repo_id}@{sha}"
     files = {split: sorted("hf://" + p for p in fs.glob(f"{root}/{pattern}")) for split, pattern in patterns.items()}
     return files, f"hf://{root}"
+
+
+def _is_commit(revision: Optional[str]) -> bool:
+    return revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 
 
 def _fingerprint(source: str, revision: Optional[str]) -> str:
@@ -269,7 +273,10 @@ def load(
         source = os.path.abspath(source)
     kwargs = dict(source=source, revision=revision, filters=filters, **config_kwargs)
     if not streaming:
+        # For a Hub repo the fingerprint is the commit: pin the revision to it, so files are listed at that commit.
         kwargs["data_fingerprint"] = _fingerprint(source, revision)
+        if not os.path.isdir(source):
+            kwargs["revision"] = kwargs["data_fingerprint"]
     builder = SpaVL(config_name=config, cache_dir=cache_dir, **kwargs)
     if keep_in_memory and not streaming:
         return _load_in_memory(builder, split)

@@ -29,6 +29,7 @@ import numpy as np
 from datasets import Features, Image, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
+from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.folder import DatasetFolderWriter, FolderSummary, split_for, swap_into_place
@@ -168,7 +169,7 @@ def write_fixture(
     images_per_domain = math.ceil(rows_per_domain / len(QUESTION_TYPES))
     total = images_per_domain * len(taxonomy.domains) + 2 * eval_rows
     args = dict(seed=seed, size=image_size, texture=texture)
-    bar = _progress(total, "fixture images", progress)
+    bar = tqdm(total=total, desc="fixture images", unit="img", disable=not progress, leave=False)
     if layout == "upstream":
         return _write_upstream(Path(out), taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar)
 
@@ -269,8 +270,3 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
     bar.close()
     return dict(counts)
 
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)

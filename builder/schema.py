@@ -53,7 +53,6 @@ EVAL_FEATURES = Features(
         "class3": _text,
     }
 )
-FEATURES = {"preference": PREFERENCE_FEATURES, "eval": EVAL_FEATURES}
 RowKind = Literal["preference", "eval"]
 
 # Text that must be present and non-blank in every row of a kind.

@@ -13,7 +13,6 @@ import builder.schema as schema
 from builder.errors import DataError
 from builder.schema import (
     EVAL_FEATURES,
-    FEATURES,
     PREFERENCE_FEATURES,
     check_image,
     check_row,
@@ -106,7 +105,6 @@ def test_eval_columns_exact():
     for name in EVAL_COLUMNS:
         if name != "image":
             assert EVAL_FEATURES[name] == Value("string"), name
-    assert FEATURES == {"preference": PREFERENCE_FEATURES, "eval": EVAL_FEATURES}
 
 
 def test_upstream_names_and_types_kept():
