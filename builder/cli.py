@@ -23,6 +23,8 @@ class CLI:
       spa-vl taxonomy
       spa-vl fixture out/fx --rows_per_domain 300
       spa-vl import_upstream path/to/sqrti_SPA-VL out/spa_vl
+      spa-vl generate builder/configs/pipeline.yaml --run_dir runs/r1 --limit 12
+      spa-vl build runs/r1 out/spa_vl_v2
       spa-vl demo demo_out
     """
 
@@ -114,6 +116,67 @@ class CLI:
         report = import_upstream(src, out, revision=revision, class_map=class_map,
                                  taxonomy=Taxonomy.load(taxonomy), overwrite=overwrite)
         print(report.line())
+
+    def generate(
+        self,
+        config: str,
+        run_dir: str,
+        executor: str = "local",
+        limit: int | None = None,
+        until: str = "preferences",
+        progress: bool = True,
+    ):
+        """Run the SPA-VL pipeline (images -> questions -> responses -> preferences) into a run directory.
+
+        Every model call is cached in RUN_DIR/run.sqlite: re-running the same command after a crash
+        resumes and re-sends nothing that succeeded; changing one prompt re-runs only what depends on it.
+        Writes RUN_DIR/summary.json (units done/failed with reasons, requests, tokens and cost per model).
+        Exit code 1 when some work units failed (re-run to retry them), 2 on a bad config.
+
+        Example:
+          export OPENAI_API_KEY=...                       # or OPENAI_BASE_URL=http://localhost:8000/v1 for vLLM
+          spa-vl generate builder/configs/pipeline.yaml --run_dir runs/r1 --limit 12
+          spa-vl generate builder/configs/pipeline.yaml --run_dir runs/r1 --until questions   # one stage at a time
+          RAY_ADDRESS=auto spa-vl generate my.yaml --run_dir /shared/runs/r1 --executor ray
+
+        Args:
+          config: the run's YAML file (see builder/configs/pipeline.yaml; builder/configs/local.yaml runs offline).
+          run_dir: where the run store, config snapshot and summary.json live (created or resumed).
+          executor: local (asyncio in this process) or ray (ray.init(); RAY_ADDRESS for a cluster).
+          limit: at most this many work units (images), spread over the domains, for a quick try.
+          until: the last stage to run: images, questions, responses or preferences.
+          progress: show progress bars.
+        """
+        from builder.pipeline import generate, summary_line
+
+        summary = generate(config, run_dir, executor=executor, limit=limit, until=until, progress=progress)
+        print(summary_line(summary))
+        if summary["units"]["failed"]:
+            sys.exit(1)
+
+    def build(self, run_dir: str, out: str, overwrite: bool = False, progress: bool = True):
+        """Turn a run directory into a dataset folder (per-domain configs, test/harm and test/help).
+
+        Only pairs whose judge verdicts agreed in both orders become rows; the split of an image comes
+        from its hash, so one image never sits in two splits. The same run gives byte-identical files.
+
+        Example:
+          spa-vl build runs/r1 out/spa_vl_v2
+          python -c "from datasets import load_dataset; print(load_dataset('out/spa_vl_v2', 'malicious_use'))"
+
+        Args:
+          run_dir: a run directory written by `spa-vl generate`.
+          out: the dataset folder to write (must be empty or absent unless --overwrite).
+          overwrite: replace an existing folder.
+          progress: show a progress bar.
+        """
+        from builder.build import build
+
+        t0 = time.perf_counter()
+        summary = build(run_dir, out, overwrite=overwrite, progress=progress)
+        configs = ", ".join(f"{c} {sum(s.values()):,}" for c, s in summary.config_rows.items() if c != "default")
+        print(f"build: {summary.total_rows:,} rows ({configs}) in {summary.files} files, "
+              f"{time.perf_counter() - t0:.1f}s -> {out}")
 
     def demo(self, out: str = "demo_out"):
         """Run the project end to end offline: fixture -> import -> dataset folder -> load every config.

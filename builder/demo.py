@@ -1,7 +1,9 @@
-"""`spa-vl demo OUT`: the main job end to end, offline, on the embedded defaults.
+"""`spa-vl demo OUT`: the main jobs end to end, offline, on the embedded defaults.
 
-fixture in the upstream sqrti/SPA-VL layout -> import into a per-domain dataset folder ->
-`load_dataset` of every config (no script) -> a table of rows per config and split.
+1. fixture in the upstream sqrti/SPA-VL layout -> import into a per-domain dataset folder ->
+   `load_dataset` of every config (no script) -> a table of rows per config and split;
+2. the generation pipeline on `builder/configs/local.yaml` (typography images, a tiny random-weight
+   LLaVA in-process for every role) -> `build` -> `load_dataset` of one domain config.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ def run_demo(out: Path, *, rows_per_domain: int = 60, eval_rows: int = 12) -> di
     shutil.rmtree(cache, ignore_errors=True)
     tax = Taxonomy.load()
 
-    print(f"[1/3] synthetic fixture in the upstream layout -> {upstream}")
+    print(f"[1/5] synthetic fixture in the upstream layout -> {upstream}")
     write_fixture(upstream, rows_per_domain=rows_per_domain, eval_rows=eval_rows, layout="upstream", overwrite=True)
-    print(f"[2/3] import_upstream -> {root}")
+    print(f"[2/5] import_upstream -> {root}")
     print("      " + import_upstream(upstream, root, overwrite=True).line())
 
-    print("[3/3] load_dataset(folder, config) for every config")
+    print("[3/5] load_dataset(folder, config) for every config")
     disable_progress_bar()
     loaded: dict[str, dict[str, int]] = {}
     for config in ["default", *tax.slugs, "test"]:
@@ -47,8 +49,36 @@ def run_demo(out: Path, *, rows_per_domain: int = 60, eval_rows: int = 12) -> di
     sample = load_dataset(str(root), "malicious_use", split="train", cache_dir=str(cache))[0]
     print(f"\n  a malicious_use row: [{sample['class2']} / {sample['class3']}] image {sample['image'].size}, "
           f"question {sample['question'][:60]!r}...")
+    generated = run_pipeline_demo(out, cache)
     manifest = read_manifest(root)
     total = sum(f["rows"] for f in manifest["files"].values())
-    print(f"\ndemo: {total:,} rows in {len(loaded)} configs, {len(manifest['files'])} shards, "
-          f"version {manifest['version']}, {time.perf_counter() - t0:.1f}s -> {root}")
+    print(f"\ndemo: imported {total:,} rows in {len(loaded)} configs ({len(manifest['files'])} shards, version "
+          f"{manifest['version']}); generated {generated:,} rows; {time.perf_counter() - t0:.1f}s -> {out}")
     return loaded
+
+
+def run_pipeline_demo(out: Path, cache: Path, *, limit: int = 12) -> int:
+    """The pipeline on the embedded defaults; returns the rows built."""
+    from datasets import load_dataset
+
+    from builder.build import build
+    from builder.config import SHIPPED
+    from builder.pipeline import generate, summary_line
+    from builder.tiny_vlm import build_tiny_llava
+
+    print(f"\n[4/5] spa-vl generate {out / 'local.yaml'} --run_dir {out / 'run'} --limit {limit}   "
+          "(typography images, a tiny random-weight LLaVA for every role: gibberish text, real pipeline)")
+    build_tiny_llava(out / "models" / "tiny-llava", seed=0, overwrite=True)
+    build_tiny_llava(out / "models" / "tiny-llava-b", seed=1, overwrite=True)
+    shutil.copy(SHIPPED / "local.yaml", out / "local.yaml")
+    shutil.rmtree(out / "run", ignore_errors=True)
+    print("      " + summary_line(generate(out / "local.yaml", out / "run", limit=limit)))
+    print(f"[5/5] spa-vl build {out / 'run'} {out / 'generated'}")
+    summary = build(out / "run", out / "generated", overwrite=True, progress=False)
+    ds = load_dataset(str(out / "generated"), "malicious_use", cache_dir=str(cache))
+    row = ds["train"][0]
+    print(f"      {summary.total_rows:,} rows; load_dataset(..., 'malicious_use'): "
+          + ", ".join(f"{s} {d.num_rows}" for s, d in ds.items())
+          + f"; a row: [{row['class3']}] {row['question_type']} question {row['question'][:40]!r}, "
+            f"chosen by the judge from {row['chosen_model']} over {row['rejected_model']}")
+    return summary.total_rows
