@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dataset.py
+	$(BIN)/python bench/bench_generate.py
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

@@ -32,7 +32,12 @@ from PIL import ImageDraw
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.folder import DatasetFolderWriter, FolderSummary, split_for, swap_into_place
+from builder.folder import (
+    DatasetFolderWriter,
+    FolderSummary,
+    split_for,
+    swap_into_place,
+)
 from builder.schema import QUESTION_TYPES, image_sha256, row_id
 from builder.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from builder.taxonomy import Taxonomy

@@ -31,7 +31,12 @@ from huggingface_hub import DatasetCardData
 
 from builder.errors import DataError
 from builder.schema import EVAL_FEATURES, PREFERENCE_FEATURES, check_row
-from builder.shards import DEFAULT_MAX_SHARD_BYTES, DEFAULT_ROW_GROUP_ROWS, Shard, ShardWriter
+from builder.shards import (
+    DEFAULT_MAX_SHARD_BYTES,
+    DEFAULT_ROW_GROUP_ROWS,
+    Shard,
+    ShardWriter,
+)
 from builder.taxonomy import Taxonomy
 
 FORMAT = "spa-vl-dataset/1"
@@ -181,7 +186,9 @@ class DatasetFolderWriter:
             by_category=self._by_category,
             question_types=self._question_types,
         )
-        from dataset_card.card import render_card  # the card reads the summary; import here avoids a cycle
+        from dataset_card.card import (
+            render_card,  # the card reads the summary; import here avoids a cycle
+        )
 
         yaml_data = card_yaml_data(config_splits, shards)
         (self._tmp / "README.md").write_text(render_card(yaml_data, summary, self.taxonomy, self.version, self.card))

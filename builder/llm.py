@@ -41,6 +41,7 @@ BACKENDS = ("openai", "transformers")
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 # A sliding-window server counts arrivals; sending at 99% of its rate with no burst never crosses it.
 RATE_MARGIN = 0.99
+IMAGE_TOKENS = 255  # an estimate per image for the tokens-per-minute limiter (OpenAI: 85 + 170 per 512 px tile)
 
 
 def image_part(sha256: str) -> dict:
@@ -129,6 +130,7 @@ class RequestCache:
 
     def __init__(self, path):
         self.path = str(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -177,7 +179,8 @@ class RateLimiter:
 
     def __init__(self, max_concurrency: int, rpm: float | None = None, tpm: float | None = None):
         self.slots = asyncio.Semaphore(max_concurrency)
-        self.rpm = _Bucket(rpm, 1.0) if rpm else None
+        # Burst of 1% of the limit: absorbs timer overshoot, and burst + 99% rate never exceeds a 60 s window.
+        self.rpm = _Bucket(rpm, rpm * (1 - RATE_MARGIN)) if rpm else None
         self.tpm = _Bucket(tpm, tpm / 60.0) if tpm else None  # one second of tokens may go at once
         self.paused_until = 0.0
         self._gate = asyncio.Lock()  # one waiter at a time takes from the buckets: FIFO, no thundering herd
@@ -256,6 +259,7 @@ class ModelRouter:
         self._limiters: dict[str, RateLimiter] = {}
         self._clients: dict[str, Any] = {}
         self._data_urls: dict[str, str] = {}
+        self._loop = None
 
     def spec(self, name: str) -> ModelSpec:
         if name not in self.specs:
@@ -294,6 +298,9 @@ class ModelRouter:
 
     # --- OpenAI-compatible endpoints -------------------------------------------------------------
     def _client(self, spec: ModelSpec):
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # clients and limiters belong to one event loop: a new loop gets new ones
+            self._loop, self._clients, self._limiters = loop, {}, {}
         if spec.name not in self._clients:
             import openai
 
@@ -330,7 +337,9 @@ class ModelRouter:
     async def _remote(self, spec: ModelSpec, meter: Meter, messages, images, params) -> Reply:
         client, limiter = self._client(spec)
         wire = self._wire_messages(messages, images)
-        estimate = len(json.dumps(messages)) // 4 + int(params.get("max_tokens") or params.get("max_completion_tokens") or 256)
+        # Text at ~4 characters a token, an image as one 512 px tile at high detail; usage settles it later.
+        estimate = (len(json.dumps(messages)) // 4 + IMAGE_TOKENS * len(images)
+                    + int(params.get("max_tokens") or params.get("max_completion_tokens") or 256))
         for attempt in range(spec.max_retries + 1):
             await limiter.acquire(estimate)
             used = 0

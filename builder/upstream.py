@@ -41,7 +41,11 @@ import httpx2
 import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import HfApi, constants, snapshot_download
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from tqdm.auto import tqdm
 
 from builder.errors import DataError

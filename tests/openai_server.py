@@ -63,6 +63,23 @@ def request_key(body: dict) -> str:
 
 
 # --- the default responder -------------------------------------------------------------------------
+IMAGE_TOKENS = 85  # what OpenAI bills a low-detail image; a data URL's base64 is not text tokens
+
+
+def _prompt_tokens(messages: list) -> int:
+    """~4 characters per token of text, plus IMAGE_TOKENS per image part."""
+    chars, images = 0, 0
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        parts = content if isinstance(content, list) else [{"type": "text", "text": str(content or "")}]
+        for part in parts:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                images += 1
+            else:
+                chars += len(json.dumps(part))
+    return max(1, chars // 4 + IMAGE_TOKENS * images)
+
+
 def generic_responder(body: dict) -> str:
     """Deterministic text: JSON fitting a ``json_schema`` response format, else a sentence quoting the user."""
     messages = body.get("messages") or []
@@ -174,7 +191,8 @@ class OpenAIServer:
 
     def stats(self) -> dict:
         """requests, ok, faults (kind → count), rate_limited (by rpm_limit), errors (bad body, responder
-        failure), held (waiting on pause_after now), in_flight and max_in_flight (chat requests)."""
+        failure), dropped (the client left before its reply was ready: timed out, killed), held (waiting
+        on pause_after now), in_flight and max_in_flight (chat requests)."""
         with self._cond:
             return {**self._stats, "faults": dict(self._stats["faults"])}
 
@@ -188,7 +206,7 @@ class OpenAIServer:
         with self._cond:
             busy = self._stats["in_flight"]
             self._stats = {"requests": 0, "ok": 0, "faults": dict.fromkeys(self.faults, 0), "rate_limited": 0,
-                           "errors": 0, "held": 0, "in_flight": busy, "max_in_flight": busy}
+                           "errors": 0, "dropped": 0, "held": 0, "in_flight": busy, "max_in_flight": busy}
             self._served, self._attempts = collections.Counter(), collections.Counter()
             self._window: collections.deque[float] = collections.deque()  # times of accepted requests
             self._admitted = 0  # requests through the pause_after hold
@@ -363,7 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 -- any responder failure is the client's 500
             api._count(1, "errors")
             return self._error(500, f"responder failed: {e}", "server_error")
-        prompt, completion = max(1, len(json.dumps(body.get("messages", []))) // 4), max(1, len(text) // 4)
+        prompt, completion = _prompt_tokens(body.get("messages", [])), max(1, len(text) // 4)
         reply = {
             "id": f"chatcmpl-{key[:24]}",
             "object": "chat.completion",
@@ -372,7 +390,19 @@ class _Handler(BaseHTTPRequestHandler):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
+        if self._peer_gone():  # it timed out or was killed meanwhile: the reply would go nowhere
+            api._count(1, "dropped")
+            self.close_connection = True
+            return
         self._json(200, reply, ok_key=key)
+
+    def _peer_gone(self) -> bool:
+        try:  # b"" is end of stream; no data yet raises BlockingIOError
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset by the peer
+            return True
 
     def _error(self, status: int, message: str, kind: str, code: str | None = None, headers: dict | None = None):
         return self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
@@ -396,6 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.api._finished(ok_key)
         except OSError:
             self.close_connection = True
+            if self.chat:
+                self.api._count(1, "dropped")
 
 
 # --- the same server in a child process -------------------------------------------------------------

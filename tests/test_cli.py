@@ -89,4 +89,25 @@ def test_demo_runs_end_to_end(tmp_path):
     proc = run("demo", tmp_path / "demo")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("demo: ") and "rows in 8 configs" in last
+    # the pipeline part: tiny local models -> run dir with a summary -> a built folder that loads per domain
+    assert "generated" in last and "load_dataset(..., 'malicious_use')" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert summary["units"]["done"] == summary["units"]["total"] > 0 and summary["pairs"]["kept"] > 0
+    assert (tmp_path / "demo" / "generated" / "manifest.json").exists()
     assert "malicious_use" in proc.stdout
+
+
+def test_generate_exits_1_when_units_failed_and_2_on_a_bad_config(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from openai_server import OpenAIServer
+    from pipeline_doubles import pipeline_responder, write_config
+
+    bad = write_config(tmp_path / "bad.yaml", "http://127.0.0.1:9/v1", judge={"model": "missing"})
+    proc = run("generate", bad, "--run_dir", tmp_path / "r0", check_rc=2)
+    assert "bad.yaml: field judge.model" in proc.stderr
+    with OpenAIServer(pipeline_responder, fault_rate=1.0, faults=("500",)) as srv:
+        cfg = write_config(tmp_path / "run.yaml", srv.url, limit_keys={"max_retries": 1})
+        proc = run("generate", cfg, "--run_dir", tmp_path / "r1", "--limit", 1, "--progress", "False", check_rc=1)
+    assert proc.stdout.strip().startswith("generate: 1 units (0 done, 1 failed)")
+    summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
+    assert summary["units"]["failures"][0]["kind"].startswith("http_5")

@@ -16,7 +16,12 @@ from huggingface_hub import DatasetCard
 from PIL import Image as PILImage
 
 from builder.errors import DataError
-from builder.folder import DatasetFolderWriter, build_config_hash, read_manifest, split_for
+from builder.folder import (
+    DatasetFolderWriter,
+    build_config_hash,
+    read_manifest,
+    split_for,
+)
 from builder.schema import image_sha256, row_id
 from builder.taxonomy import Taxonomy
 

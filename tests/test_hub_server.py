@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from hub_server import HubServer, hub_env
 
 REPO = "org/SPA-VL"
@@ -102,7 +101,11 @@ def test_range_reads_through_hf_file_system(hub, folders):
 
 def test_missing_repo_revision_and_file_raise_the_client_errors(hub):
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     with pytest.raises(RepositoryNotFoundError):
         HfApi().dataset_info("org/absent")

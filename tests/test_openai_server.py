@@ -11,7 +11,14 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-from openai_server import OpenAIServer, generic_responder, request_key, spawn_server
+from openai_server import (
+    IMAGE_TOKENS,
+    OpenAIServer,
+    _prompt_tokens,
+    generic_responder,
+    request_key,
+    spawn_server,
+)
 
 
 def _body(text: str = "hi", **extra) -> dict:
@@ -38,7 +45,8 @@ def test_round_trip_returns_the_responders_text_and_usage():
         reply = client.chat.completions.create(**_body("hello"))
         assert reply.object == "chat.completion" and reply.model == "m"
         assert reply.choices[0].message.content == "x" * 40 and reply.choices[0].finish_reason == "stop"
-        prompt = len(json.dumps(_body("hello")["messages"])) // 4
+        prompt = _prompt_tokens(_body("hello")["messages"])
+        assert prompt > 0
         assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (prompt, 10, prompt + 10)
         assert [m.id for m in client.models.list()] == ["loopback"]
         assert server.served() == {request_key(_body("hello")): 1}
@@ -206,6 +214,32 @@ def test_close_drops_held_requests():
         assert time.monotonic() - start < 3
 
 
+def _until(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_replies_for_clients_that_left_are_dropped_not_counted():
+    # A client that timed out during the latency gets no reply, and it is not counted as served.
+    with OpenAIServer(latency=0.6) as server, _client(server, timeout=0.2) as client:
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(**_body())
+        assert _until(lambda: server.stats()["dropped"] == 1)
+        assert server.stats()["ok"] == 0 and not server.served() and server.stats()["in_flight"] == 0
+    # A held request whose client is gone (killed) is dropped on resume().
+    with OpenAIServer(pause_after=0) as server:
+        parts = urlsplit(server.url)
+        http = HTTPConnection(parts.hostname, parts.port, timeout=5)
+        http.request("POST", "/v1/chat/completions", body=json.dumps(_body()), headers={"Content-Type": "application/json"})
+        assert _until(lambda: server.stats()["held"] == 1)
+        http.close()
+        server.resume()
+        assert _until(lambda: server.stats()["dropped"] == 1)
+        assert server.stats()["ok"] == 0 and server.stats()["held"] == 0
+
+
 def test_admin_routes_and_openai_error_shape():
     with OpenAIServer() as server, _client(server) as client:
         client.chat.completions.create(**_body())
@@ -231,7 +265,7 @@ def test_concurrent_requests_are_handled_at_once():
 
 
 def test_spawn_server_runs_in_its_own_process():
-    with spawn_server(latency=0.01, rpm_limit=100) as server:
+    with spawn_server(responder=generic_responder, latency=0.01, rpm_limit=100) as server:
         assert server.process.poll() is None
         with _client(server) as client:
             for i in range(3):
@@ -241,3 +275,12 @@ def test_spawn_server_runs_in_its_own_process():
         server.reset()
         assert server.stats()["ok"] == 0 and not server.served()
     assert server.process.returncode == 0
+
+
+def test_an_image_costs_fixed_tokens_whatever_its_data_url_size():
+    def image(n):
+        url = "data:image/png;base64," + "A" * n
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]
+
+    text_only = _prompt_tokens([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert _prompt_tokens(image(100)) == _prompt_tokens(image(100_000)) == text_only + IMAGE_TOKENS

@@ -225,3 +225,17 @@ def test_missing_api_key_is_a_clear_error(server, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", server.url)
     with pytest.raises(DataError, match="OPENAI_API_KEY"):
         generate(ROOT / "builder/configs/pipeline.yaml", tmp_path / "run", limit=1, progress=False)
+
+
+def test_safety_labels_reach_the_rows(server, tmp_path):
+    import pyarrow.parquet as pq
+
+    cfg = write_config(tmp_path / "run.yaml", server.url, safety={"model": "judge"}, build={"test_per_category": 0})
+    summary = generate(cfg, tmp_path / "run", limit=6, progress=False)
+    assert summary["units"]["done"] == 6
+    build(tmp_path / "run", tmp_path / "out", progress=False)
+    rows = [r for f in sorted((tmp_path / "out/data").glob("*/*.parquet")) if f.parent.name != "test"
+            for r in pq.read_table(f, columns=["chosen", "rejected", "question_unsafe", "chosen_unsafe", "rejected_unsafe"]).to_pylist()]
+    assert rows and all(isinstance(r["question_unsafe"], bool) for r in rows)
+    # the double's classifier calls an answer unsafe when it complies ("Sure, here is how")
+    assert all(r["chosen_unsafe"] == r["chosen"].startswith("Sure, here is how") for r in rows)

@@ -13,12 +13,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hub_server import HubServer, hub_env
 
 from builder.errors import DataError
 from builder.fixture import write_fixture
 from builder.taxonomy import Taxonomy
 from builder.upstream import import_upstream
-from hub_server import HubServer, hub_env
 
 ROWS = dict(rows_per_domain=36, eval_rows=4, seed=0, progress=False)  # 12 images per domain, 2 train shards
 TRAIN = "data/train-00000-of-00002.parquet"
