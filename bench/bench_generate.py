@@ -58,6 +58,7 @@ async def _router_run(url: str, n: int, concurrency: int, cache_path: Path, rpm:
     t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(i) for i in range(n)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    await router.aclose()
     cache.close()
     m = router.meters["bench"]
     return {"wall": wall, "cpu_ms": cpu * 1000 / n, "retries": m.retries, "failed": m.failed, "done": sends}

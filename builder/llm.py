@@ -261,6 +261,12 @@ class ModelRouter:
         self._data_urls: dict[str, str] = {}
         self._loop = None
 
+    async def aclose(self) -> None:
+        """Close the HTTP clients (call before the event loop ends)."""
+        for client in self._clients.values():
+            await client.close()
+        self._clients, self._limiters = {}, {}
+
     def spec(self, name: str) -> ModelSpec:
         if name not in self.specs:
             raise DataError(f"unknown model {name!r}; the config's models are {sorted(self.specs)}", field="models")

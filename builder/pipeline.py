@@ -197,7 +197,10 @@ def _ray_chunk(cfg, units: list[tuple[dict, bytes]], actor, share: float, until:
 
     async def run():
         router = ModelRouter(cfg.models, _ActorCache(actor), limit_share=share)
-        records = await asyncio.gather(*(process_unit(router, cfg, meta, data, until) for meta, data in units))
+        try:
+            records = await asyncio.gather(*(process_unit(router, cfg, meta, data, until) for meta, data in units))
+        finally:
+            await router.aclose()
         return records, router.meters
 
     return asyncio.run(run())
@@ -254,16 +257,19 @@ def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, execut
     router = ModelRouter(cfg.models, store)
 
     async def run() -> tuple[dict, list[dict]]:  # one event loop: the clients and limiters belong to it
-        images_info = await collect_units(cfg, store, router, limit, progress)
-        metas = store.images()
-        bar = Progress(STAGES[1:STAGES.index(until) + 1], len(metas), router.meters, progress)
         try:
-            if until != "images" and executor == "local":
-                await _run_local(cfg, store, router, metas, until, bar)
-            elif until != "images":
-                await asyncio.to_thread(_run_ray, cfg, store, router.meters, metas, until, bar)
+            images_info = await collect_units(cfg, store, router, limit, progress)
+            metas = store.images()
+            bar = Progress(STAGES[1:STAGES.index(until) + 1], len(metas), router.meters, progress)
+            try:
+                if until != "images" and executor == "local":
+                    await _run_local(cfg, store, router, metas, until, bar)
+                elif until != "images":
+                    await asyncio.to_thread(_run_ray, cfg, store, router.meters, metas, until, bar)
+            finally:
+                bar.close()
         finally:
-            bar.close()
+            await router.aclose()
         return images_info, metas
 
     try:
