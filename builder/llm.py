@@ -278,13 +278,12 @@ class ModelRouter:
         strings by probability (the reply is then the JSON ``{"choice": ..., "probabilities": [...]}``)."""
         spec = self.spec(model)
         params = {**spec.params, **(params or {})}
-        if spec.backend == "openai" and schema is not None and spec.structured_output:
-            params["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "strict": True, "schema": schema}}
         if spec.backend == "transformers" and choices:
             params["choices"] = list(choices)
         if spec.system:
             messages = [{"role": "system", "content": spec.system}, *messages]
-        key = request_key(spec, messages, params)
+        # The key holds the schema, not how it went on the wire: a fallback to free text keeps cache hits.
+        key = request_key(spec, messages, {**params, "schema": schema} if schema is not None else params)
         meter = self.meters[model]
         hit = await self.cache.get(key)
         if hit is not None:
@@ -295,6 +294,9 @@ class ModelRouter:
         if spec.backend == "transformers":
             reply = await self._local(spec, messages, images or {}, params)
         else:
+            if schema is not None and spec.structured_output:
+                params["response_format"] = {"type": "json_schema",
+                                             "json_schema": {"name": "reply", "strict": True, "schema": schema}}
             reply = await self._remote(spec, meter, messages, images or {}, params)
         meter.prompt_tokens += reply.prompt_tokens
         meter.completion_tokens += reply.completion_tokens

@@ -139,14 +139,14 @@ class OpenAIServer:
     def __init__(self, responder: Callable[[dict], str] | None = None, *, latency: float = 0.0,
                  fault_rate: float = 0.0, faults=FAULT_KINDS, retry_after: float = 0.2,
                  hang_seconds: float = 30.0, rpm_limit: int | None = None, seed: int = 0,
-                 pause_after: int | None = None, host: str = "127.0.0.1", port: int = 0):
+                 pause_after: int | None = None, json_schema: bool = True, host: str = "127.0.0.1", port: int = 0):
         faults = tuple(faults)
         if set(faults) - set(FAULT_KINDS) or (fault_rate > 0 and not faults):
             raise ValueError(f"faults must be a non-empty subset of {FAULT_KINDS}, got {faults}")
         self.responder = responder or generic_responder
         self.latency, self.fault_rate, self.faults, self.retry_after = latency, fault_rate, faults, retry_after
         self.hang_seconds, self.rpm_limit, self.seed, self.pause_after = hang_seconds, rpm_limit, seed, pause_after
-        self.host, self.port = host, port
+        self.host, self.port, self.json_schema = host, port, json_schema  # False: 400 on response_format, as older servers
         self._cond = threading.Condition()  # guards the counters; notified on each ok reply
         self._closing = threading.Event()  # wakes hung, held and sleeping requests at close
         self._resumed = threading.Event()
@@ -358,6 +358,9 @@ class _Handler(BaseHTTPRequestHandler):
             api._count(1, "errors")
             return self._error(400, f"bad request body: {e}", "invalid_request_error")
         key = request_key(body)
+        if not api.json_schema and "response_format" in body:
+            api._count(1, "errors")
+            return self._error(400, "response_format is not supported by this server", "invalid_request_error")
         if (wait := api._rate_wait()) is not None:
             return self._error(429, f"rpm_limit of {api.rpm_limit} reached", "rate_limit_exceeded",
                                "rate_limit_exceeded", {"Retry-After": f"{wait:.3f}"})

@@ -176,3 +176,21 @@ def test_local_backend_answers_and_judges_by_probability(tmp_path):
     assert again.cached and again.text == reply.text
     choice = json.loads(asyncio.run(router.chat("local", msgs, images={sha: img}, choices=["A", "B"])).text)
     assert choice["choice"] in ("A", "B") and sum(choice["probabilities"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_a_server_without_json_schema_gets_free_text_from_then_on(tmp_path):
+    rec = Recorder()
+    schema = {"type": "object", "required": ["better"], "properties": {"better": {"type": "string"}}}
+    with OpenAIServer(rec, json_schema=False) as srv:
+        router = _router(srv.url, tmp_path, max_retries=3)
+        first = _ask(router, "one", schema=schema)
+        _ask(router, "two", schema=schema)
+        errors = srv.stats()["errors"]
+    assert first.text and errors == 1  # one 400, then the same request without response_format
+    assert all("response_format" not in b for b in rec.bodies) and len(rec.bodies) == 2
+    assert router.specs["m"].structured_output is False
+    # a re-run (a fresh router that tries json_schema again) gets both from the cache
+    with OpenAIServer(rec, json_schema=False) as srv:
+        router = _router(srv.url, tmp_path, max_retries=3)
+        assert _ask(router, "one", schema=schema).cached and _ask(router, "two", schema=schema).cached
+        assert srv.stats()["requests"] == 0
