@@ -131,7 +131,7 @@ class CLI:
         Every model call is cached in RUN_DIR/run.sqlite: re-running the same command after a crash
         resumes and re-sends nothing that succeeded; changing one prompt re-runs only what depends on it.
         Writes RUN_DIR/summary.json (units done/failed with reasons, requests, tokens and cost per model).
-        Exit code 1 when some work units failed (re-run to retry them), 2 on a bad config.
+        Exit code 1 when some work units or subcategories failed (re-run to retry them), 2 on a bad config.
 
         Example:
           export OPENAI_API_KEY=...                       # or OPENAI_BASE_URL=http://localhost:8000/v1 for vLLM
@@ -151,7 +151,7 @@ class CLI:
 
         summary = generate(config, run_dir, executor=executor, limit=limit, until=until, progress=progress)
         print(summary_line(summary))
-        if summary["units"]["failed"]:
+        if summary["units"]["failed"] or summary["images"].get("failures"):
             sys.exit(1)
 
     def build(self, run_dir: str, out: str, overwrite: bool = False, progress: bool = True):

@@ -41,7 +41,7 @@ DEFAULTS: dict = {
     "responses": {"bag": [], "params": {"temperature": 0.7, "max_tokens": 512}},
     "judge": {"model": None, "agreement": "strict", "params": {"temperature": 0.0, "max_tokens": 200}},
     "safety": {"model": None, "params": {"temperature": 0.0, "max_tokens": 20}},
-    "build": {"validation_fraction": 0.07, "test_per_category": 2, "version": "0.1.0", "title": "SPA-VL (generated)"},
+    "build": {"validation_fraction": 0.07, "test_fraction": 0.005, "version": "0.1.0", "title": "SPA-VL (generated)"},
     "run": {"units_in_flight": 64, "ray_workers": None},
 }
 
@@ -80,6 +80,7 @@ class PipelineConfig:
     taxonomy: Taxonomy
     models: dict[str, ModelSpec]
     prompts: dict[str, str] = field(default_factory=dict)
+    unexpanded: dict | None = None
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "PipelineConfig":
@@ -93,9 +94,10 @@ class PipelineConfig:
             raise DataError(f"not valid YAML: {e}", file=str(path)) from None
         if not isinstance(data, dict):
             raise DataError("the config must be a YAML mapping", file=str(path))
-        data = _expand(data)
         data.update(overrides)
-        return cls.from_dict(data, base_dir=path.parent, file=str(path))
+        cfg = cls.from_dict(_expand(data), base_dir=path.parent, file=str(path))
+        cfg.unexpanded = data  # what the run directory keeps: `${VAR}` unexpanded, so no secret reaches disk
+        return cfg
 
     @classmethod
     def from_dict(cls, data: dict, *, base_dir: Path, file: str = "<config>") -> "PipelineConfig":
@@ -137,9 +139,9 @@ class PipelineConfig:
         if self.raw["judge"]["agreement"] not in ("strict", "average"):
             raise DataError("must be strict (both orders must agree) or average (local judges: mean probability "
                             "over both orders)", file=self.file, field="judge.agreement")
-        frac = self.raw["build"]["validation_fraction"]
-        if not 0 <= frac < 1:
-            raise DataError("must be in [0, 1)", file=self.file, field="build.validation_fraction")
+        for key in ("validation_fraction", "test_fraction"):
+            if not isinstance(self.raw["build"][key], (int, float)) or not 0 <= self.raw["build"][key] < 1:
+                raise DataError("must be a number in [0, 1)", file=self.file, field=f"build.{key}")
 
     def __getattr__(self, name):  # cfg.images, cfg.judge … read the merged YAML sections
         raw = self.__dict__.get("raw")
@@ -154,10 +156,11 @@ class PipelineConfig:
     def seed(self) -> int:
         return int(self.raw["seed"])
 
-    def fingerprint(self, *sections: str) -> str:
-        """Hash of the named sections (all when none): what a stage's stored output depends on."""
+    def fingerprint(self, *sections: str, prompts: tuple[str, ...] | None = None) -> str:
+        """Hash of the named sections (all when none) and prompts (all when None): what stored output depends on."""
         keys = sections or tuple(sorted(self.raw))
         blob = {k: self.raw[k] for k in keys}
         blob["taxonomy_sha"] = self.taxonomy.sha256
-        blob["prompts"] = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(self.prompts.items())}
+        blob["prompts"] = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(self.prompts.items())
+                           if prompts is None or k in prompts}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -76,7 +76,7 @@ def run_pipeline_demo(out: Path, cache: Path, *, limit: int = 12) -> int:
     print(f"[5/5] spa-vl build {out / 'run'} {out / 'generated'}")
     summary = build(out / "run", out / "generated", overwrite=True, progress=False)
     ds = load_dataset(str(out / "generated"), "malicious_use", cache_dir=str(cache))
-    row = ds["train"][0]
+    row = next(iter(ds.values()))[0]  # train or validation: an image's split comes from its hash
     print(f"      {summary.total_rows:,} rows; load_dataset(..., 'malicious_use'): "
           + ", ".join(f"{s} {d.num_rows}" for s, d in ds.items())
           + f"; a row: [{row['class3']}] {row['question_type']} question {row['question'][:40]!r}, "

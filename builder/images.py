@@ -84,6 +84,7 @@ class CollectedImage:
     keyword: str
     source: str
     ref: str
+    phash: int | None = None  # kept so that a resumed collection still drops near-duplicates of stored images
 
 
 def normalize_image(data: bytes, *, max_pixels: int, max_bytes: int, min_side: int) -> tuple[bytes, int, int]:
@@ -411,7 +412,8 @@ class ClipScorer:
 
 async def collect_images(sources: list[ImageSource], filters: ImageFilters, keywords: dict[tuple[str, str, str], list[str]],
                          *, per_subcategory: int, download_concurrency: int = 16, timeout: float = 30.0,
-                         progress: bool = True) -> tuple[list[CollectedImage], Counter]:
+                         progress: bool = True, seen: tuple[set[str], list[int]] | None = None,
+                         ) -> tuple[list[CollectedImage], Counter]:
     """Up to ``per_subcategory`` filtered images per class path; returns (images, rejected reason counts).
 
     Class paths in the dict's order; for each, keywords in order and sources in order until enough
@@ -425,8 +427,12 @@ async def collect_images(sources: list[ImageSource], filters: ImageFilters, keyw
     scorer = ClipScorer(filters.scorer) if filters.scorer and filters.min_similarity is not None else None
     images: list[CollectedImage] = []
     rejected: Counter = Counter()
-    shas: set[str] = set()
+    shas: set[str] = set(seen[0]) if seen else set()  # `seen`: images kept earlier (sha256s, phashes)
     hashes, n_hashes = np.zeros(1024, np.uint64), 0
+    for ph in (seen[1] if seen else ()):
+        if n_hashes == len(hashes):
+            hashes = np.concatenate([hashes, np.zeros_like(hashes)])
+        hashes[n_hashes], n_hashes = ph, n_hashes + 1
     window = max(1, download_concurrency)
 
     async def prepare(c: ImageCandidate, client: httpx2.AsyncClient) -> tuple[bytes, int, int, int | None]:
@@ -505,7 +511,7 @@ async def collect_images(sources: list[ImageSource], filters: ImageFilters, keyw
                             hashes[n_hashes] = ph
                             n_hashes += 1
                         images.append(CollectedImage(sha, data, w, h, c.caption or keyword, *class_path, keyword,
-                                                     c.source, c.ref))
+                                                     c.source, c.ref, ph))
                         got += 1
                         bar.update(1)
                 finally:  # enough images, or an error: the downloads still running are not needed

@@ -38,6 +38,9 @@ from typing import Any
 from builder.errors import DataError
 
 BACKENDS = ("openai", "transformers")
+# What servers without structured output say when they refuse response_format (vLLM, TGI, Ollama, proxies).
+NO_SCHEMA = re.compile(r"response_format|json_schema|guided|grammar|structured", re.I)
+TRANSPORT_PARAMS = ("extra_headers", "extra_query", "timeout")  # how a request travels, not what it asks
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 # A sliding-window server counts arrivals; sending at 99% of its rate with no burst never crosses it.
 RATE_MARGIN = 0.99
@@ -119,6 +122,8 @@ class Meter:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    cached_tokens: int = 0         # tokens of the replies served from the cache (paid for by an earlier run)
+    cached_cost_usd: float = 0.0
 
     def merge(self, other: "Meter") -> None:
         for k, v in asdict(other).items():
@@ -167,11 +172,11 @@ class _Bucket:
         now = time.monotonic()
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
-        amount = min(amount, self.capacity)
-        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
+        need = min(amount, self.capacity)  # a request bigger than the bucket waits for a full bucket
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
 
     def take(self, amount: float) -> None:
-        self.level -= min(amount, self.capacity)
+        self.level -= amount  # in full, so the level may go negative: big requests are paid for before the next
 
 
 class RateLimiter:
@@ -215,7 +220,7 @@ class RateLimiter:
 
 def request_key(spec: ModelSpec, messages: list[dict], params: dict) -> str:
     ident = {"backend": spec.backend, "model": spec.path if spec.backend == "transformers" else spec.model,
-             "messages": messages, "params": params}
+             "messages": messages, "params": {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
@@ -242,8 +247,8 @@ def _classify(exc) -> tuple[str, bool]:
     if isinstance(exc, openai.APIStatusError):
         code = exc.status_code
         return (f"http_{code}", code in RETRYABLE_STATUS or code >= 500)
-    if isinstance(exc, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, KeyError, IndexError, TypeError)):
-        return "malformed_reply", True
+    if isinstance(exc, (openai.APIResponseValidationError, ValueError, KeyError, IndexError, AttributeError)):
+        return "malformed_reply", True  # json.JSONDecodeError is a ValueError: openai 3.x raises it unwrapped
     return type(exc).__name__, False
 
 
@@ -288,6 +293,8 @@ class ModelRouter:
         hit = await self.cache.get(key)
         if hit is not None:
             meter.cached += 1
+            meter.cached_tokens += hit.prompt_tokens + hit.completion_tokens
+            meter.cached_cost_usd += spec.cost(hit.prompt_tokens, hit.completion_tokens)
             hit.cached = True
             return hit
         meter.requests += 1
@@ -305,6 +312,23 @@ class ModelRouter:
         return reply
 
     # --- OpenAI-compatible endpoints -------------------------------------------------------------
+    def _endpoint(self, spec: ModelSpec) -> tuple[str, str]:
+        return (spec.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/"), spec.model
+
+    def _limiter(self, spec: ModelSpec) -> RateLimiter:
+        """Entries that reach the same model at the same URL share one limiter, with the tightest limits."""
+        key = self._endpoint(spec)
+        if key not in self._limiters:
+            group = [s for s in self.specs.values() if s.backend == "openai" and self._endpoint(s) == key]
+
+            def tightest(attr):
+                values = [getattr(s, attr) for s in group if getattr(s, attr)]
+                return min(values) * self._share if values else None
+
+            slots = max(1, int(min(s.max_concurrency for s in group) * self._share))
+            self._limiters[key] = RateLimiter(slots, tightest("rpm"), tightest("tpm"))
+        return self._limiters[key]
+
     def _client(self, spec: ModelSpec):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # clients and limiters belong to one event loop: a new loop gets new ones
@@ -319,10 +343,7 @@ class ModelRouter:
             # Our own retry loop counts retries and honours Retry-After for every caller of the endpoint.
             self._clients[spec.name] = openai.AsyncOpenAI(base_url=spec.base_url, api_key=key, max_retries=0,
                                                           timeout=spec.timeout)
-            rpm = spec.rpm * self._share if spec.rpm else None
-            tpm = spec.tpm * self._share if spec.tpm else None
-            self._limiters[spec.name] = RateLimiter(max(1, int(spec.max_concurrency * self._share)), rpm, tpm)
-        return self._clients[spec.name], self._limiters[spec.name]
+        return self._clients[spec.name], self._limiter(spec)
 
     def _wire_messages(self, messages: list[dict], images: dict[str, bytes]) -> list[dict]:
         out = []
@@ -352,7 +373,11 @@ class ModelRouter:
             await limiter.acquire(estimate)
             used = 0
             try:
-                resp = await client.chat.completions.create(model=spec.model, messages=wire, **params)
+                try:
+                    resp = await client.chat.completions.create(model=spec.model, messages=wire, **params)
+                except TypeError as exc:  # the SDK refused a parameter before sending: a config error, not a retry
+                    raise DataError(f"the openai client refused a request parameter: {exc}",
+                                    field=f"models.{spec.name}.params") from None
                 text = resp.choices[0].message.content
                 if resp.choices[0].finish_reason == "content_filter":
                     raise RequestFailed(spec.name, "content_filter", "the server filtered the reply")
@@ -365,9 +390,11 @@ class ModelRouter:
             except RequestFailed:
                 meter.failed += 1
                 raise
+            except DataError:
+                raise
             except Exception as exc:  # noqa: BLE001 - classified below; unknown errors are not retried
                 kind, retryable = _classify(exc)
-                if kind == "http_400" and "response_format" in str(exc) and "response_format" in params:
+                if kind in ("http_400", "http_422") and "response_format" in params and NO_SCHEMA.search(str(exc)):
                     spec.structured_output = False  # this server lacks json_schema: parse free text from now on
                     params = {k: v for k, v in params.items() if k != "response_format"}
                     retryable = True
@@ -386,6 +413,14 @@ class ModelRouter:
 
     # --- in-process transformers models -----------------------------------------------------------
     async def _local(self, spec: ModelSpec, messages, images, params) -> Reply:
+        try:
+            return await self._local_call(spec, messages, images, params)
+        except (RequestFailed, DataError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - out of memory, a processor error…: this request fails, the run goes on
+            raise RequestFailed(spec.name, type(exc).__name__, str(exc)[:300]) from None
+
+    async def _local_call(self, spec: ModelSpec, messages, images, params) -> Reply:
         from PIL import Image
 
         from builder.local_vlm import load_local_vlm

@@ -19,6 +19,7 @@ actor on this node, each with 1/N of every endpoint's limits, so the output is t
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from builder import stages
-from builder.config import PipelineConfig
+from builder.config import DEFAULTS, PipelineConfig, _merge
 from builder.errors import DataError
 from builder.llm import Meter, ModelRouter, RequestFailed
 from builder.run_store import RunStore
@@ -55,55 +56,77 @@ def _class_paths(cfg: PipelineConfig, limit: int | None) -> list[tuple[str, str,
     return order
 
 
-def _interleave(images: list, cfg: PipelineConfig) -> list:
+def _interleave(metas: list[dict], cfg: PipelineConfig) -> list[dict]:
     """Work-unit order: the i-th image of every domain before the (i+1)-th of any."""
     by_domain: dict[str, list] = {}
-    for img in images:
-        by_domain.setdefault(cfg.taxonomy.slug_for(img.class1), []).append(img)
+    for m in metas:
+        by_domain.setdefault(cfg.taxonomy.slug_for(m["class1"]), []).append(m)
     lists = list(by_domain.values())
     return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
 
 
 async def collect_units(cfg: PipelineConfig, store: RunStore, router: ModelRouter, limit: int | None, progress: bool) -> dict:
-    """Collect (or reuse) the images; returns what the summary says about them."""
+    """Collect the images one subcategory at a time, each stored as it completes (so a crash loses at most
+    one subcategory's downloads and memory holds one subcategory), then fix the work-unit order."""
     from builder.images import ImageFilters, build_source, collect_images
 
-    fingerprint = f"{cfg.fingerprint('images', 'keywords', 'taxonomy')}:{limit}"
-    if store.mark("images") == fingerprint:
+    tag = cfg.fingerprint("images", "keywords", "taxonomy", prompts=("keywords",))
+    plan = f"{tag}:{limit}"
+    if store.mark("images") == plan:
         return json.loads(store.mark("images_info") or "{}")
+    try:
+        sources = [build_source(s, base_dir=cfg.base_dir, index=i) for i, s in enumerate(cfg.images["sources"])]
+        filters = ImageFilters.from_config(cfg.images["filters"])
+    except DataError as e:
+        raise e.located(file=cfg.file) from None
     paths = _class_paths(cfg, limit)
-    keyword_failures: list[dict] = []
+    todo = [p for p in paths if store.mark(f"images:{tag}:{'/'.join(p)}") is None]
+    failures: list[dict] = []
 
-    async def expand(path):  # a failed expansion falls back to the subcategory name and is reported
+    async def expand(path):
         try:
             return await stages.expand_keywords(router, cfg, path)
         except RequestFailed as e:
-            keyword_failures.append({"subcategory": "/".join(path), "model": e.model, "kind": e.kind})
-            return [path[2]]
+            failures.append({"subcategory": "/".join(path), "stage": "keywords", "model": e.model, "kind": e.kind})
+            return None
 
-    keywords = dict(zip(paths, await asyncio.gather(*(expand(p) for p in paths))))
-    images_cfg = cfg.images
-    try:
-        sources = [build_source(s, base_dir=cfg.base_dir, index=i) for i, s in enumerate(images_cfg["sources"])]
-        filters = ImageFilters.from_config(images_cfg["filters"])
-    except DataError as e:
-        raise e.located(file=cfg.file) from None
-    images, rejected = await collect_images(
-        sources, filters, keywords, per_subcategory=int(images_cfg["per_subcategory"]),
-        download_concurrency=int(images_cfg["download_concurrency"]), timeout=float(images_cfg["timeout"]), progress=progress)
-    units = _interleave(images, cfg)[:limit] if limit is not None else _interleave(images, cfg)
-    store.replace_images(units)
-    info = {"collected": len(images), "units": len(units), "rejected": dict(sorted(rejected.items())),
-            "subcategories": len(paths), "keyword_failures": keyword_failures}
+    keywords = dict(zip(todo, await asyncio.gather(*(expand(p) for p in todo))))
+    stored = store.tagged(tag)
+    seen = ({m["sha256"] for m in stored}, [m["phash"] for m in stored if m.get("phash") is not None])
+    rejected: Counter = Counter(json.loads(store.mark(f"images_rejected:{tag}") or "{}"))
+    for path in tqdm(todo, desc="images", unit="subcat", disable=not progress, leave=False):
+        if keywords[path] is None:
+            continue  # its keyword call failed: left unmarked, so the next run tries again
+        try:
+            images, rej = await collect_images(
+                sources, filters, {path: keywords[path]}, per_subcategory=int(cfg.images["per_subcategory"]),
+                download_concurrency=int(cfg.images["download_concurrency"]), timeout=float(cfg.images["timeout"]),
+                progress=False, seen=seen)
+        except (ConnectionError, OSError) as e:  # a source that is down: this subcategory waits for the next run
+            failures.append({"subcategory": "/".join(path), "stage": "images", "kind": type(e).__name__, "detail": str(e)[:300]})
+            continue
+        store.add_images(images, tag)
+        seen[0].update(i.sha256 for i in images)
+        seen[1].extend(i.phash for i in images if i.phash is not None)
+        rejected.update(rej)
+        store.set_mark(f"images_rejected:{tag}", json.dumps(rejected))
+        store.set_mark(f"images:{tag}:{'/'.join(path)}", "done")
+    wanted = set(paths)
+    metas = _interleave([m for m in store.tagged(tag) if (m["class1"], m["class2"], m["class3"]) in wanted], cfg)
+    metas = metas[:limit] if limit is not None else metas
+    store.set_order([m["sha256"] for m in metas])
+    info = {"collected": len(seen[0]), "units": len(metas), "rejected": dict(sorted(rejected.items())),
+            "subcategories": len(paths), "failures": failures}
     store.set_mark("images_info", json.dumps(info))
-    store.set_mark("images", fingerprint)
+    if not failures:  # otherwise the next run retries what failed
+        store.set_mark("images", plan)
     return info
 
 
 # --- stages 2-4, one unit at a time ---------------------------------------------------------------------
 async def process_unit(router: ModelRouter, cfg: PipelineConfig, meta: dict, data: bytes, until: str, advance=None) -> dict:
     """Run one work unit through the model stages up to ``until``; a request that failed for good fails the unit."""
-    record = {**meta, "id": meta["sha256"], "until": until}
+    record = {**meta, "id": meta["sha256"], "until": until, "config": units_fingerprint(cfg)}
     images = {meta["sha256"]: data}
     stage = "questions"
     try:
@@ -123,7 +146,21 @@ async def process_unit(router: ModelRouter, cfg: PipelineConfig, meta: dict, dat
         record["status"] = "failed"
         record["error"] = {"stage": stage, "model": e.model, "kind": e.kind, "detail": e.detail}
         advance and advance(stage, failed=True)
+    except DataError:
+        raise  # a config error (a refused parameter, a missing key): every unit would fail the same way
+    except Exception as e:  # noqa: BLE001 - anything else fails this unit with its reason, not the run
+        record["status"] = "failed"
+        record["error"] = {"stage": stage, "model": None, "kind": type(e).__name__, "detail": str(e)[:300]}
+        advance and advance(stage, failed=True)
     return record
+
+
+def units_fingerprint(cfg: PipelineConfig) -> str:
+    """What a unit record's content depends on (not limits or prices): build skips records made otherwise."""
+    models = {n: [s.backend, s.model, s.path, s.params, s.system] for n, s in sorted(cfg.models.items())}
+    blob = json.dumps([cfg.seed, models, cfg.questions, cfg.responses, cfg.judge, cfg.safety,
+                       sorted((k, v) for k, v in cfg.prompts.items() if k != "keywords")], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class Progress:
@@ -216,16 +253,24 @@ def _run_ray(cfg, store: RunStore, meters: dict[str, Meter], metas: list[dict], 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(_StoreActor).options(scheduling_strategy=here).remote(str(store.dir))
     task = ray.remote(num_cpus=1)(_ray_chunk)
-    size = max(1, math.ceil(len(metas) / (workers * 4)))
+    size = max(1, min(32, math.ceil(len(metas) / (workers * 4))))  # small chunks: records land often, little in flight
     chunks = [metas[i:i + size] for i in range(0, len(metas), size)]
     pending: list = []
+    chunk_of: dict = {}
     try:
         while chunks or pending:
             while chunks and len(pending) < workers:  # at most `workers` at once, so 1/workers of each limit holds
                 chunk = chunks.pop(0)
-                pending.append(task.remote(cfg, [(m, store.image_data(m["sha256"])) for m in chunk], actor, 1 / workers, until))
+                ref = task.remote(cfg, [(m, store.image_data(m["sha256"])) for m in chunk], actor, 1 / workers, until)
+                pending.append(ref)
+                chunk_of[ref] = chunk
             done, pending = ray.wait(pending, num_returns=1)
-            records, chunk_meters = ray.get(done[0])
+            try:
+                records, chunk_meters = ray.get(done[0])
+            except Exception as e:  # noqa: BLE001 - a lost worker or node fails its chunk's units, not the run
+                error = {"stage": "questions", "model": None, "kind": type(e).__name__, "detail": str(e)[:300]}
+                records, chunk_meters = [{**m, "id": m["sha256"], "until": until, "config": units_fingerprint(cfg),
+                                          "status": "failed", "error": error} for m in chunk_of[done[0]]], {}
             for record in records:
                 store.put_unit(record)
                 failed_at = record.get("error", {}).get("stage")
@@ -252,7 +297,9 @@ def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, execut
         raise DataError(f"limit must be a positive integer, got {limit!r}", field="limit")
     cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.load(config)
     store = RunStore(run_dir)
-    snapshot = {**cfg.raw, "taxonomy": cfg.taxonomy.source, "config_file": cfg.file}  # key *names* only, never keys
+    # `${VAR}` stays unexpanded and keys are named, never held: nothing secret reaches the run directory.
+    snapshot = {**_merge(DEFAULTS, cfg.unexpanded or cfg.raw, "", cfg.file), "taxonomy": cfg.taxonomy.source,
+                "config_file": cfg.file, "units_fingerprint": units_fingerprint(cfg)}
     _write_atomic(store.dir / "config.yaml", yaml.safe_dump(snapshot, sort_keys=False, allow_unicode=True))
     router = ModelRouter(cfg.models, store)
 
@@ -289,7 +336,8 @@ def summarize(store: RunStore, cfg, metas: list[dict], meters: dict[str, Meter],
     judged = pairs["agreed"] + pairs["position_disagreement"] + pairs["averaged"]  # averaged: verdicts disagreed
     models = {name: {"requests": m.requests, "cached": m.cached, "retries": m.retries, "failed": m.failed,
                      "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
-                     "cost_usd": round(m.cost_usd, 6)} for name, m in meters.items() if m.requests or m.cached}
+                     "cost_usd": round(m.cost_usd, 6), "cached_tokens": m.cached_tokens,
+                     "cached_cost_usd": round(m.cached_cost_usd, 6)} for name, m in meters.items() if m.requests or m.cached}
     return {
         "run_dir": str(store.dir), "config_fingerprint": cfg.fingerprint(), "executor": executor, "until": until,
         "images": images_info,
@@ -306,15 +354,21 @@ def summarize(store: RunStore, cfg, metas: list[dict], meters: dict[str, Meter],
         "tokens": {"prompt": sum(m.prompt_tokens for m in meters.values()),
                    "completion": sum(m.completion_tokens for m in meters.values())},
         "cost_usd": round(sum(m.cost_usd for m in meters.values()), 6),
+        # what the run's replies cost in all, this invocation's and those an earlier one paid for (cached)
+        "run_total": {"tokens": sum(m.prompt_tokens + m.completion_tokens + m.cached_tokens for m in meters.values()),
+                      "cost_usd": round(sum(m.cost_usd + m.cached_cost_usd for m in meters.values()), 6)},
         "wall_time_s": round(wall, 3),
     }
 
 
 def summary_line(s: dict) -> str:
     u, r, p = s["units"], s["requests"], s["pairs"]
-    rate = p["position_disagreement_rate"]
-    return (f"generate: {u['total']:,} units ({u['done']:,} done, {u['failed']:,} failed) · {p['kept']:,} preference "
-            f"pairs kept ({p.get('position_disagreement', 0):,} left out: verdicts disagreed across orders"
-            f"{f', {rate:.0%} of judged' if rate is not None else ''}) · {r['sent']:,} requests sent, {r['cached']:,} cached, "
-            f"{r['retried']:,} retried, {r['failed']:,} failed · ${s['cost_usd']:.4f} · {s['wall_time_s']:.1f} s "
+    rate, averaged = p["position_disagreement_rate"], p.get("averaged", 0)
+    pairs = (f"{p['kept']:,} preference pairs kept{f' ({averaged:,} by averaging both orders)' if averaged else ''}, "
+             f"{p.get('position_disagreement', 0):,} left out"
+             + (f" (the two orders disagreed on {rate:.0%} of judged pairs)" if rate is not None else ""))
+    return (f"generate: {u['total']:,} units ({u['done']:,} done, {u['failed']:,} failed) · {pairs} · "
+            f"{r['sent']:,} requests sent, {r['cached']:,} cached, "
+            f"{r['retried']:,} retried, {r['failed']:,} failed · ${s['cost_usd']:.4f} (run total "
+            f"${s['run_total']['cost_usd']:.4f}) · {s['wall_time_s']:.1f} s "
             f"→ {Path(s['run_dir']) / 'summary.json'}")

@@ -39,18 +39,29 @@ class RunStore(RequestCache):
         self._db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", (name, value))
 
     # --- images (the work units' inputs) ------------------------------------------------------------
-    def replace_images(self, images: list) -> None:
-        """Store the collected images (``builder.images.CollectedImage``) in work-unit order, in one transaction."""
+    def add_images(self, images: list, tag: str) -> None:
+        """Store collected images (``builder.images.CollectedImage``) of one collection ``tag``, in one transaction."""
         with self._db:
             self._db.execute("BEGIN")
-            self._db.execute("DELETE FROM images")
-            for i, img in enumerate(images):
-                meta = {k: v for k, v in asdict(img).items() if k != "data"}
-                self._db.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (img.sha256, i, json.dumps(meta), img.data))
+            for img in images:
+                meta = {**{k: v for k, v in asdict(img).items() if k != "data"}, "tag": tag}
+                self._db.execute("INSERT OR REPLACE INTO images VALUES (?, NULL, ?, ?)", (img.sha256, json.dumps(meta), img.data))
+
+    def tagged(self, tag: str) -> list[dict]:
+        """Metadata (no bytes) of the images stored under ``tag``."""
+        rows = self._db.execute("SELECT meta FROM images").fetchall()
+        return [m for m in (json.loads(r[0]) for r in rows) if m.get("tag") == tag]
+
+    def set_order(self, shas: list[str]) -> None:
+        """These images, in this order, are the run's work units; any other stored image is not."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE images SET ord = NULL")
+            self._db.executemany("UPDATE images SET ord = ? WHERE sha256 = ?", [(i, sha) for i, sha in enumerate(shas)])
 
     def images(self) -> list[dict]:
-        """Image metadata in work-unit order (without the bytes)."""
-        rows = self._db.execute("SELECT meta FROM images ORDER BY ord").fetchall()
+        """The work units' image metadata (without the bytes), in work-unit order."""
+        rows = self._db.execute("SELECT meta FROM images WHERE ord IS NOT NULL ORDER BY ord").fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def image_data(self, sha256: str) -> bytes:

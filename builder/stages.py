@@ -90,9 +90,11 @@ def pick_models(cfg, unit_id: str, qtype: str) -> list[str]:
 async def responses(router: ModelRouter, cfg, unit: dict, qs: dict, images: dict[str, bytes]) -> dict:
     async def answer(qtype: str) -> tuple[str, dict]:
         models = pick_models(cfg, unit["id"], qtype)
-        seed = random.Random(f"{cfg.seed}:{unit['id']}:{qtype}:seed").randrange(2**31)
-        params = {**cfg.responses["params"], "seed": seed}
-        replies = await asyncio.gather(*(router.chat(m, _user(qs[qtype], unit["sha256"]), images=images, params=params)
+
+        def params(m: str) -> dict:  # a seed per bag entry: two entries serving one model id still differ
+            return {**cfg.responses["params"], "seed": random.Random(f"{cfg.seed}:{unit['id']}:{qtype}:{m}").randrange(2**31)}
+
+        replies = await asyncio.gather(*(router.chat(m, _user(qs[qtype], unit["sha256"]), images=images, params=params(m))
                                          for m in models))
         return qtype, {"models": models, "responses": [r.text.strip() for r in replies]}
 
@@ -105,7 +107,11 @@ def parse_verdict(text: str) -> str | None:
     if obj:
         v = str(obj.get("better", obj.get("choice", ""))).strip().strip("[]").upper()
         return v if v in ("A", "B") else None
-    m = re.search(r"(?:better|answer|verdict|winner|choice)\W{0,20}(?:answer\s+)?\[?\b([AB])\b", text, re.I)
+    # The last "better/verdict/winner/choice ... A|B": prose names both answers before it concludes.
+    found = re.findall(r"\b(?:better|verdict|winner|choice|prefer(?:red)?)\b\W{0,20}(?:answer\s+|is\s+)?\[?\b([AB])\b", text, re.I)
+    if found:
+        return found[-1].upper()
+    m = re.search(r"\b(?:answer\s+)?\[?([AB])\]?\s+is\s+(?:better|safer|preferred)\b", text, re.I)
     if m:
         return m.group(1).upper()
     found = set(re.findall(r"\b([AB])\b", text))

@@ -39,7 +39,7 @@ def pipeline_responder(body: dict) -> str:
     messages = body["messages"]
     prompt = _text_of(messages[-1])
     system = _text_of(messages[0]) if messages[0]["role"] == "system" else ""
-    model = body.get("model", "")
+    model = f"{body.get('model', '')}/{body.get('seed', '')}"  # a seeded sampler: another seed, another answer
     if "[Answer A]" in prompt:
         a = _between(prompt, "[Answer A]", "[Answer B]")
         b = prompt.split("[Answer B]", 1)[1].split("\n\nReply with", 1)[0].strip()
@@ -82,7 +82,7 @@ def write_config(path: Path, url: str, *, bag: int = 3, limit_keys: dict | None 
         "questions": {"describer": "m0", "easy": "m0", "hard": "m1"},
         "responses": {"bag": [f"m{i}" for i in range(bag)]},
         "judge": {"model": "judge"},
-        "build": {"validation_fraction": 0.25, "test_per_category": 1},
+        "build": {"validation_fraction": 0.25, "test_fraction": 0.2},
     }
     cfg.update(overrides)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

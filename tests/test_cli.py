@@ -106,7 +106,7 @@ def test_generate_exits_1_when_units_failed_and_2_on_a_bad_config(tmp_path):
     proc = run("generate", bad, "--run_dir", tmp_path / "r0", check_rc=2)
     assert "bad.yaml: field judge.model" in proc.stderr
     with OpenAIServer(pipeline_responder, fault_rate=1.0, faults=("500",)) as srv:
-        cfg = write_config(tmp_path / "run.yaml", srv.url, limit_keys={"max_retries": 1})
+        cfg = write_config(tmp_path / "run.yaml", srv.url, limit_keys={"max_retries": 1}, keywords={"model": None})
         proc = run("generate", cfg, "--run_dir", tmp_path / "r1", "--limit", 1, "--progress", "False", check_rc=1)
     assert proc.stdout.strip().startswith("generate: 1 units (0 done, 1 failed)")
     summary = json.loads((tmp_path / "r1" / "summary.json").read_text())

@@ -194,3 +194,36 @@ def test_a_server_without_json_schema_gets_free_text_from_then_on(tmp_path):
         router = _router(srv.url, tmp_path, max_retries=3)
         assert _ask(router, "one", schema=schema).cached and _ask(router, "two", schema=schema).cached
         assert srv.stats()["requests"] == 0
+
+
+def test_entries_on_one_endpoint_share_one_limiter_with_the_tightest_limits(tmp_path):
+    base = {"base_url": "http://127.0.0.1:9/v1", "api_key_env": None}
+    specs = {"a": ModelSpec.from_config("a", {**base, "model": "x", "rpm": 500, "max_concurrency": 32}),
+             "b": ModelSpec.from_config("b", {**base, "model": "x", "rpm": 200, "tpm": 1000, "max_concurrency": 8}),
+             "c": ModelSpec.from_config("c", {**base, "model": "y", "rpm": 500})}
+    router = ModelRouter(specs, RequestCache(tmp_path / "c.sqlite"))
+    a, b, c = (router._limiter(specs[n]) for n in "abc")
+    assert a is b and a is not c
+    assert a.rpm.rate == pytest.approx(200 * llm.RATE_MARGIN / 60) and a.tpm is not None and a.slots._value == 8
+
+
+def test_tokens_per_minute_are_paid_in_full(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(llm.time, "monotonic", lambda: now[0])
+    limiter = llm.RateLimiter(64, tpm=30_000)  # a bucket of 500 tokens; each request estimates 1,000
+    spent, t = 0, 0.0
+    while t < 180:
+        now[0] = t = t + 0.01
+        if limiter.tpm.wait_time(1000) == 0:
+            limiter.tpm.take(1000)
+            limiter.tpm.level += 1000 - 900  # settles: 900 used
+            spent += 900
+    assert spent <= 3 * 30_000 * 1.01
+
+
+def test_a_parameter_the_sdk_refuses_is_a_config_error_not_a_retry(tmp_path):
+    with OpenAIServer() as srv:
+        router = _router(srv.url, tmp_path, params={"top_k": 5}, max_retries=5)
+        with pytest.raises(DataError, match="models.m.params"):
+            _ask(router)
+        assert srv.stats()["requests"] == 0

@@ -65,8 +65,9 @@ def test_full_run_builds_a_folder_that_loads_per_domain(reference, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     tax = Taxonomy.load()
     for slug in tax.slugs:  # the limit is spread over the domains, so every domain config has rows
-        ds = load_dataset(str(out), slug, split="train", cache_dir=str(tmp_path / "cache"))
-        assert ds.num_rows > 0 and set(ds["class1"]) == {tax.domain(slug).label}
+        dd = load_dataset(str(out), slug, cache_dir=str(tmp_path / "cache"))
+        ds = next(iter(dd.values()))  # train or validation: the split comes from the image hash
+        assert ds.num_rows > 0 and all(set(d["class1"]) == {tax.domain(slug).label} for d in dd.values())
         row = ds[0]
         assert row["question_type"] in ("easy", "hardq", "hards") and row["chosen"] != row["rejected"]
         assert row["chosen_model"] in {"m0", "m1", "m2"} and row["chosen_model"] != row["rejected_model"]
@@ -140,7 +141,12 @@ def test_faults_every_unit_accounted_for(tmp_path):
 
 def test_a_request_that_keeps_failing_fails_its_unit_with_a_reason(tmp_path):
     with OpenAIServer(pipeline_responder, fault_rate=1.0, faults=("500",)) as srv:
-        cfg = write_config(tmp_path / "run.yaml", srv.url, limit_keys={"max_retries": 2})
+        cfg = write_config(tmp_path / "kw.yaml", srv.url, limit_keys={"max_retries": 1})
+        summary = generate(cfg, tmp_path / "kw", limit=2, progress=False)
+        # the keyword call failed: that subcategory has no units yet, is reported, and waits for the next run
+        assert summary["units"]["total"] == 0
+        assert summary["images"]["failures"][0]["stage"] == "keywords"
+        cfg = write_config(tmp_path / "run.yaml", srv.url, limit_keys={"max_retries": 2}, keywords={"model": None})
         summary = generate(cfg, tmp_path / "run", limit=2, progress=False)
     assert summary["units"]["failed"] == 2 and summary["units"]["done"] == 0
     failure = summary["units"]["failures"][0]
@@ -230,7 +236,7 @@ def test_missing_api_key_is_a_clear_error(server, tmp_path, monkeypatch):
 def test_safety_labels_reach_the_rows(server, tmp_path):
     import pyarrow.parquet as pq
 
-    cfg = write_config(tmp_path / "run.yaml", server.url, safety={"model": "judge"}, build={"test_per_category": 0})
+    cfg = write_config(tmp_path / "run.yaml", server.url, safety={"model": "judge"}, build={"test_fraction": 0.0})
     summary = generate(cfg, tmp_path / "run", limit=6, progress=False)
     assert summary["units"]["done"] == 6
     build(tmp_path / "run", tmp_path / "out", progress=False)
@@ -239,3 +245,25 @@ def test_safety_labels_reach_the_rows(server, tmp_path):
     assert rows and all(isinstance(r["question_unsafe"], bool) for r in rows)
     # the double's classifier calls an answer unsafe when it complies ("Sure, here is how")
     assert all(r["chosen_unsafe"] == r["chosen"].startswith("Sure, here is how") for r in rows)
+
+
+def test_bag_entries_serving_one_model_still_give_two_answers(server, tmp_path):
+    cfg = yaml.safe_load(write_config(tmp_path / "r.yaml", server.url).read_text())
+    for entry in cfg["models"].values():
+        entry["model"] = "one-model"  # e.g. SPA_VL_MODEL pointing every role at one served model
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    summary = generate(tmp_path / "r.yaml", tmp_path / "run", limit=4, progress=False)
+    assert summary["units"]["done"] == 4 and summary["pairs"].get("identical", 0) == 0
+
+
+def test_build_leaves_out_units_made_under_another_config(reference, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference["run"], run)
+    snap = yaml.safe_load((run / "config.yaml").read_text())
+    snap["units_fingerprint"] = "another-config"
+    (run / "config.yaml").write_text(yaml.safe_dump(snap))
+    with pytest.raises(DataError, match="no finished work units"):
+        build(run, tmp_path / "out", progress=False)
+    assert f"{LIMIT} finished units were made with an earlier config" in capsys.readouterr().err
