@@ -12,6 +12,7 @@ are errors that name the file and the field. Relative paths resolve against the 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -155,6 +156,14 @@ class PipelineConfig:
     @property
     def seed(self) -> int:
         return int(self.raw["seed"])
+
+    @functools.cached_property
+    def units_fingerprint(self) -> str:
+        """What a unit record's content depends on (not limits or prices): build skips records made otherwise."""
+        models = {n: [s.backend, s.model, s.path, s.params, s.system] for n, s in sorted(self.models.items())}
+        blob = json.dumps([self.seed, models, self.questions, self.responses, self.judge, self.safety,
+                           sorted((k, v) for k, v in self.prompts.items() if k != "keywords")], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def fingerprint(self, *sections: str, prompts: tuple[str, ...] | None = None) -> str:
         """Hash of the named sections (all when none) and prompts (all when None): what stored output depends on."""

@@ -262,13 +262,13 @@ class ModelRouter:
         self.meters = {name: Meter() for name in specs}
         self._share = limit_share
         self._limiters: dict[str, RateLimiter] = {}
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[str, tuple[Any, RateLimiter]] = {}  # entry name -> (client, its endpoint's limiter)
         self._data_urls: dict[str, str] = {}
         self._loop = None
 
     async def aclose(self) -> None:
         """Close the HTTP clients (call before the event loop ends)."""
-        for client in self._clients.values():
+        for client, _ in self._clients.values():
             await client.close()
         self._clients, self._limiters = {}, {}
 
@@ -317,7 +317,7 @@ class ModelRouter:
 
     def _limiter(self, spec: ModelSpec) -> RateLimiter:
         """Entries that reach the same model at the same URL share one limiter, with the tightest limits."""
-        key = self._endpoint(spec)
+        key = self._endpoint(spec)  # once per entry and event loop: _client keeps the limiter with the client
         if key not in self._limiters:
             group = [s for s in self.specs.values() if s.backend == "openai" and self._endpoint(s) == key]
 
@@ -341,9 +341,9 @@ class ModelRouter:
                 raise DataError(f"set the environment variable {spec.api_key_env} (or `api_key_env: null` for a "
                                 "server without auth)", field=f"models.{spec.name}.api_key_env")
             # Our own retry loop counts retries and honours Retry-After for every caller of the endpoint.
-            self._clients[spec.name] = openai.AsyncOpenAI(base_url=spec.base_url, api_key=key, max_retries=0,
-                                                          timeout=spec.timeout)
-        return self._clients[spec.name], self._limiter(spec)
+            client = openai.AsyncOpenAI(base_url=spec.base_url, api_key=key, max_retries=0, timeout=spec.timeout)
+            self._clients[spec.name] = (client, self._limiter(spec))
+        return self._clients[spec.name]
 
     def _wire_messages(self, messages: list[dict], images: dict[str, bytes]) -> list[dict]:
         out = []

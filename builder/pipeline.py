@@ -19,7 +19,6 @@ actor on this node, each with 1/N of every endpoint's limits, so the output is t
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -126,7 +125,7 @@ async def collect_units(cfg: PipelineConfig, store: RunStore, router: ModelRoute
 # --- stages 2-4, one unit at a time ---------------------------------------------------------------------
 async def process_unit(router: ModelRouter, cfg: PipelineConfig, meta: dict, data: bytes, until: str, advance=None) -> dict:
     """Run one work unit through the model stages up to ``until``; a request that failed for good fails the unit."""
-    record = {**meta, "id": meta["sha256"], "until": until, "config": units_fingerprint(cfg)}
+    record = _record(cfg, meta, until)
     images = {meta["sha256"]: data}
     stage = "questions"
     try:
@@ -142,25 +141,20 @@ async def process_unit(router: ModelRouter, cfg: PipelineConfig, meta: dict, dat
                 record["pairs"] = await stages.preferences(router, cfg, record, record["questions"], answers, images)
                 advance and advance(stage)
         record["status"] = "done"
-    except RequestFailed as e:
-        record["status"] = "failed"
-        record["error"] = {"stage": stage, "model": e.model, "kind": e.kind, "detail": e.detail}
-        advance and advance(stage, failed=True)
     except DataError:
         raise  # a config error (a refused parameter, a missing key): every unit would fail the same way
-    except Exception as e:  # noqa: BLE001 - anything else fails this unit with its reason, not the run
-        record["status"] = "failed"
-        record["error"] = {"stage": stage, "model": None, "kind": type(e).__name__, "detail": str(e)[:300]}
+    except Exception as e:  # noqa: BLE001 - a request that failed for good, or anything else: this unit, not the run
+        failed = isinstance(e, RequestFailed)
+        record.update(status="failed", error={"stage": stage, "model": e.model if failed else None,
+                                              "kind": e.kind if failed else type(e).__name__,
+                                              "detail": e.detail if failed else str(e)[:300]})
         advance and advance(stage, failed=True)
     return record
 
 
-def units_fingerprint(cfg: PipelineConfig) -> str:
-    """What a unit record's content depends on (not limits or prices): build skips records made otherwise."""
-    models = {n: [s.backend, s.model, s.path, s.params, s.system] for n, s in sorted(cfg.models.items())}
-    blob = json.dumps([cfg.seed, models, cfg.questions, cfg.responses, cfg.judge, cfg.safety,
-                       sorted((k, v) for k, v in cfg.prompts.items() if k != "keywords")], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _record(cfg: PipelineConfig, meta: dict, until: str) -> dict:
+    """A unit record's head: the image's metadata, the last stage asked for, the config it was made under."""
+    return {**meta, "id": meta["sha256"], "until": until, "config": cfg.units_fingerprint}
 
 
 class Progress:
@@ -172,12 +166,12 @@ class Progress:
         self.bars = {s: tqdm(total=total, desc=f"{s:<11}", unit="unit", position=i, disable=not enabled, leave=True)
                      for i, s in enumerate(stage_names)}
 
-    def advance(self, stage: str, failed: bool = False, n: int = 1) -> None:
+    def advance(self, stage: str, failed: bool = False) -> None:
         bar = self.bars.get(stage)
         if bar is None:
             return
-        self.failed[stage] += failed * n
-        bar.update(n)
+        self.failed[stage] += failed
+        bar.update(1)
         now = time.monotonic()
         if now - self.last > 0.5 or bar.n == bar.total:
             self.last = now
@@ -269,8 +263,8 @@ def _run_ray(cfg, store: RunStore, meters: dict[str, Meter], metas: list[dict], 
                 records, chunk_meters = ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - a lost worker or node fails its chunk's units, not the run
                 error = {"stage": "questions", "model": None, "kind": type(e).__name__, "detail": str(e)[:300]}
-                records, chunk_meters = [{**m, "id": m["sha256"], "until": until, "config": units_fingerprint(cfg),
-                                          "status": "failed", "error": error} for m in chunk_of[done[0]]], {}
+                records = [{**_record(cfg, m, until), "status": "failed", "error": error} for m in chunk_of[done[0]]]
+                chunk_meters = {}
             for record in records:
                 store.put_unit(record)
                 failed_at = record.get("error", {}).get("stage")
@@ -299,7 +293,7 @@ def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, execut
     store = RunStore(run_dir)
     # `${VAR}` stays unexpanded and keys are named, never held: nothing secret reaches the run directory.
     snapshot = {**_merge(DEFAULTS, cfg.unexpanded or cfg.raw, "", cfg.file), "taxonomy": cfg.taxonomy.source,
-                "config_file": cfg.file, "units_fingerprint": units_fingerprint(cfg)}
+                "config_file": cfg.file, "units_fingerprint": cfg.units_fingerprint}
     _write_atomic(store.dir / "config.yaml", yaml.safe_dump(snapshot, sort_keys=False, allow_unicode=True))
     router = ModelRouter(cfg.models, store)
 
