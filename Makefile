@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dataset.py
+	$(BIN)/python bench/bench_validate.py
 	$(BIN)/python bench/bench_generate.py
 
 clean:

@@ -87,7 +87,12 @@ def child_build(rows: int, dest: Path, mode: str) -> dict:
 
 def _build_predrawn(dest: Path, params: dict):
     """The fixture's rows over a small pool of pre-drawn images: times ``DatasetFolderWriter`` alone."""
-    from builder.fixture import FIXTURE_VALIDATION_FRACTION, FixtureImage, draw_image, preference_rows
+    from builder.fixture import (
+        FIXTURE_VALIDATION_FRACTION,
+        FixtureImage,
+        draw_image,
+        preference_rows,
+    )
     from builder.folder import DatasetFolderWriter, split_for
     from builder.schema import QUESTION_TYPES, image_sha256
     from builder.taxonomy import Taxonomy

@@ -73,15 +73,21 @@ def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, prog
         card = {"title": opts.get("title") or "SPA-VL (generated)", "description": _description(cfg)}
         with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, version=str(opts["version"]),
                                  card=card, overwrite=overwrite) as writer:
+            duplicates = 0
             for r in tqdm(records, desc="build", unit="unit", disable=not progress, leave=False):
                 data = store.image_data(r["id"])
                 name = f"{r['id'][:16]}.jpg"
                 base = {"image": {"bytes": data, "path": name}, "image_name": name,
                         "class1": r["class1"], "class2": r["class2"], "class3": r["class3"]}
                 where = str(run_dir / "run.sqlite")
+                asked: set[str] = set()  # two question types that came out word for word the same make one row
                 if r["id"] in test_ids:
                     for split, qtype in (("harm", "hardq"), ("help", "easy")):
                         q = r["questions"][qtype]
+                        if q.strip() in asked:
+                            duplicates += 1
+                            continue
+                        asked.add(q.strip())
                         writer.add({**base, "id": row_id(r["id"], q), "question": q}, split, file=where)
                     continue
                 split = split_for(r["id"], float(opts["validation_fraction"]))
@@ -89,6 +95,10 @@ def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, prog
                     pair = r["pairs"][qtype]
                     if pair["status"] not in KEPT:
                         continue
+                    if r["questions"][qtype].strip() in asked:
+                        duplicates += 1
+                        continue
+                    asked.add(r["questions"][qtype].strip())
                     w = pair["chosen"]
                     chosen, rejected = pair["responses"][w], pair["responses"][1 - w]
                     unsafe = pair.get("unsafe") or {}
@@ -98,6 +108,9 @@ def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, prog
                                 "rejected_model": pair["models"][1 - w], "judge_rationale": pair.get("rationale"),
                                 "question_unsafe": unsafe.get("question"), "chosen_unsafe": unsafe.get("chosen"),
                                 "rejected_unsafe": unsafe.get("rejected")}, split, file=where)
+        if duplicates:
+            print(f"build: {duplicates:,} questions repeated another question of the same image word for word and "
+                  "were left out (one row per image and question)", file=sys.stderr)
     finally:
         store.close()
     return writer.summary

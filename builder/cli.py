@@ -25,6 +25,11 @@ class CLI:
       spa-vl import_upstream path/to/sqrti_SPA-VL out/spa_vl
       spa-vl generate builder/configs/pipeline.yaml --run_dir runs/r1 --limit 12
       spa-vl build runs/r1 out/spa_vl_v2
+      spa-vl validate out/spa_vl_v2
+      spa-vl card out/spa_vl_v2
+      spa-vl version out/spa_vl_v2 --bump minor
+      spa-vl publish out/spa_vl_v2 my-org/SPA-VL --dry_run
+      spa-vl pull my-org/SPA-VL copy --revision v0.2.0
       spa-vl demo demo_out
     """
 
@@ -177,6 +182,126 @@ class CLI:
         configs = ", ".join(f"{c} {sum(s.values()):,}" for c, s in summary.config_rows.items() if c != "default")
         print(f"build: {summary.total_rows:,} rows ({configs}) in {summary.files} files, "
               f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+    def validate(self, dir: str, json: bool = False, full_decode: bool = False, load_configs: bool = True,
+                 progress: bool = True):
+        """Check a dataset folder before publishing it; exit 1 when any check fails.
+
+        Checks (each counted, with the first offending file/row/field): manifest checksums, bytes and
+        rows; schema; labels inside the taxonomy and matching their folder; images decode within pixel and
+        byte limits; no empty text; chosen != rejected; duplicate rows; the same image in two splits;
+        the card's dataset_info counts; every config loads with `datasets`.
+
+        Example:
+          spa-vl validate out/spa_vl
+          spa-vl validate out/spa_vl --full_decode --json > report.json
+
+        Args:
+          dir: the dataset folder.
+          json: print the report as JSON instead of a table.
+          full_decode: decode every image's pixels (default: header check, much faster).
+          load_configs: also load every config with `datasets` (the slowest check).
+          progress: show a progress bar.
+        """
+        from builder.validate import validate
+
+        if not Path(dir).is_dir():
+            raise DataError("no such dataset folder", file=dir)
+        report = validate(dir, full_decode=full_decode, load_configs=load_configs, progress=progress)
+        print(_json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json else report.format_table())
+        if not report.ok:
+            sys.exit(1)
+
+    def card(self, dir: str, repo_id: str | None = None):
+        """Render the folder's README.md (YAML metadata + prose) and its plots under assets/.
+
+        Everything comes from the folder itself; re-rendering an unchanged folder changes nothing.
+
+        Example:
+          spa-vl card out/spa_vl
+          spa-vl card out/spa_vl --repo_id my-org/SPA-VL   # load examples name the repo
+
+        Args:
+          dir: the dataset folder.
+          repo_id: the Hub repo the card's examples load from (remembered in manifest.json).
+        """
+        from dataset_card.card import render_folder_card
+
+        result = render_folder_card(dir, repo_id=repo_id)
+        changed = ", ".join(result.changed) if result.changed else "nothing (already up to date)"
+        print(f"card: {len(result.files)} files rendered, changed: {changed}")
+
+    def version(self, dir: str, bump: str = "patch", previous: str | None = None):
+        """Bump the folder's semantic version; add a CHANGELOG.md entry of rows added/removed per config and split.
+
+        Rows are compared by id with the previous version: --previous FOLDER if given, else the row ids
+        recorded at this folder's last `version` or `publish` (kept across rebuilds with --overwrite).
+
+        Example:
+          spa-vl version out/spa_vl --bump minor
+          spa-vl version out/spa_vl_v2 --bump minor --previous out/spa_vl_v1
+
+        Args:
+          dir: the dataset folder.
+          bump: patch, minor or major.
+          previous: a dataset folder of the previous version to compare with.
+        """
+        from builder.versioning import bump as do_bump
+
+        r = do_bump(dir, bump, previous=previous)
+        print(f"version: {r.previous_version or '(none recorded)'} -> {r.version}: +{r.added:,} / -{r.removed:,} rows "
+              f"(baseline: {r.baseline}); CHANGELOG.md, manifest.json and README.md updated")
+
+    def publish(self, dir: str, repo_id: str, private: bool = True, gated: bool = True, dry_run: bool = False,
+                full_decode: bool = False, retries: int = 5):
+        """Publish a validated folder to the Hub: one commit for the version, then the tag vX.Y.Z.
+
+        Refuses (exit 1) unless `spa-vl validate` passes and the tag does not exist yet. Creates the
+        repo if needed, private and gated by default (--noprivate / --nogated to change). Faults are
+        retried; re-running after a crash finishes the same version without a second commit or tag.
+        The token comes from HF_TOKEN or `hf auth login` and is never printed.
+
+        Example:
+          spa-vl publish out/spa_vl my-org/SPA-VL --dry_run
+          HF_TOKEN=hf_... spa-vl publish out/spa_vl my-org/SPA-VL
+          spa-vl publish out/spa_vl my-org/SPA-VL --noprivate --nogated
+
+        Args:
+          dir: the dataset folder.
+          repo_id: namespace/name of the dataset repo.
+          private: create the repo private (only when it does not exist yet).
+          gated: gate access behind the card's prompt (only when the repo is created).
+          dry_run: print the plan (files, bytes, commit message, tag) and change nothing.
+          full_decode: validate with a full image decode.
+          retries: attempts per Hub call beyond the first.
+        """
+        from builder.hub import PublishRefused, publish
+
+        try:
+            result = publish(dir, repo_id, private=private, gated=gated, dry_run=dry_run, full_decode=full_decode,
+                             retries=retries)
+        except PublishRefused as e:
+            print(f"spa-vl publish: refused: {e}", file=sys.stderr)
+            sys.exit(1)
+        if not dry_run:
+            print(result.summary_line())
+
+    def pull(self, repo_id: str, out: str, revision: str | None = None, overwrite: bool = False):
+        """Download a published version and verify every file against its manifest.json checksums.
+
+        Example:
+          spa-vl pull my-org/SPA-VL copy --revision v0.2.0
+          python -c "from datasets import load_dataset; print(load_dataset('copy', 'malicious_use'))"
+
+        Args:
+          repo_id: namespace/name of the dataset repo.
+          out: the folder to write (must be empty or absent unless --overwrite).
+          revision: a tag such as v0.2.0, a branch or a commit (default: main).
+          overwrite: replace an existing folder.
+        """
+        from builder.hub import pull
+
+        print(pull(repo_id, out, revision=revision, overwrite=overwrite).summary_line())
 
     def demo(self, out: str = "demo_out"):
         """Run the project end to end offline: fixture -> import -> dataset folder -> load every config.

@@ -24,10 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import DatasetInfo, SplitDict, SplitInfo
-from datasets.info import DatasetInfosDict
-from datasets.utils.metadata import MetadataConfigs
-from huggingface_hub import DatasetCardData
+from datasets import SplitInfo
 
 from builder.errors import DataError
 from builder.schema import EVAL_FEATURES, PREFERENCE_FEATURES, check_row
@@ -44,6 +41,8 @@ PREFERENCE_SPLITS = ("train", "validation")
 EVAL_SPLITS = ("harm", "help")
 TEST_CONFIG = "test"
 DEFAULT_CONFIG = "default"
+CHANGELOG = "CHANGELOG.md"
+HISTORY_DIR = ".spa_vl"  # local history (released row ids); never published
 UNATTRIBUTED = "unattributed"  # train rows without labels: in `default` only, never in a domain config
 
 
@@ -106,6 +105,9 @@ class DatasetFolderWriter:
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
             raise DataError("output folder exists and is not empty; pass --overwrite to replace it", file=str(out))
         self._tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        previous = _existing_version(self.out)
+        if previous and previous > parse_version(self.version):
+            self.version = ".".join(map(str, previous))  # a rebuild over a released folder keeps its version; `spa-vl version` bumps it
         self._writers: dict[tuple[str, str], ShardWriter] = {}
         self._by_category: Counter = Counter()
         self._question_types: Counter = Counter()
@@ -164,17 +166,20 @@ class DatasetFolderWriter:
         for group in shards.values():
             for s in group:
                 rel = s.path.relative_to(self._tmp).as_posix()
-                files[rel] = {"sha256": s.sha256, "bytes": s.bytes, "rows": s.rows}
+                files[rel] = {"sha256": s.sha256, "bytes": s.bytes, "rows": s.rows, "num_bytes": s.num_bytes}
         if not files:
             raise DataError("no rows to write", file=str(self.out))
         manifest = {
             "format": FORMAT,
             "version": self.version,
             "build_config_hash": build_config_hash(self.build_config),
+            "build_config": self.build_config,
+            "card": self.card,
             "taxonomy": {"name": self.taxonomy.name, "sha256": self.taxonomy.sha256},
             "files": dict(sorted(files.items())),
         }
-        (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        self._carry_over_history()
 
         config_splits = self._config_splits(shards)
         summary = FolderSummary(
@@ -187,13 +192,24 @@ class DatasetFolderWriter:
             question_types=self._question_types,
         )
         from dataset_card.card import (
-            render_card,  # the card reads the summary; import here avoids a cycle
+            render_folder_card,  # the card reads the folder; imported here to avoid a cycle
         )
 
-        yaml_data = card_yaml_data(config_splits, shards)
-        (self._tmp / "README.md").write_text(render_card(yaml_data, summary, self.taxonomy, self.version, self.card))
+        render_folder_card(self._tmp, taxonomy=self.taxonomy)
         swap_into_place(self._tmp, self.out)
         return summary
+
+    def _carry_over_history(self) -> None:
+        """Rebuilding over a folder keeps its history: ``CHANGELOG.md``, the released row ids under
+        ``.spa_vl/`` (what ``spa-vl version`` diffs against), and its version, which never goes back."""
+        if not (self.out / "manifest.json").is_file():
+            return
+        for name in (CHANGELOG, HISTORY_DIR):
+            src = self.out / name
+            if src.is_dir():
+                shutil.copytree(src, self._tmp / name)
+            elif src.is_file():
+                shutil.copy2(src, self._tmp / name)
 
     def _config_splits(self, shards: dict[tuple[str, str], list[Shard]]) -> dict[str, dict[str, SplitInfo]]:
         """config → split → counts, for the configs and splits that hold rows.
@@ -214,38 +230,6 @@ class DatasetFolderWriter:
         return out
 
 
-def card_yaml_data(config_splits: dict[str, dict[str, SplitInfo]], shards: dict[tuple[str, str], list[Shard]]) -> DatasetCardData:
-    """The card's YAML metadata: `configs` (data files per config) and `dataset_info` (features, counts)."""
-    card_data = DatasetCardData()
-    patterns = config_data_files([c for c in config_splits if c not in (DEFAULT_CONFIG, TEST_CONFIG)])
-    configs = {
-        name: {"data_files": [{"split": s, "path": patterns[name][s]} for s in splits]}
-        for name, splits in config_splits.items()
-    }
-    if DEFAULT_CONFIG in configs:
-        configs[DEFAULT_CONFIG]["default"] = True
-    MetadataConfigs(configs).to_dataset_card_data(card_data)
-
-    download = Counter()
-    for (folder, _), group in shards.items():
-        download[folder] += sum(s.bytes for s in group)
-    infos = {}
-    for name, splits in config_splits.items():
-        split_dict = SplitDict()
-        for info in splits.values():
-            split_dict.add(info)
-        # No `features` here: the shards carry them in their schema metadata, and leaving them out
-        # keeps the YAML that every `load_dataset` call parses small (it was a third of a domain load).
-        infos[name] = DatasetInfo(
-            splits=split_dict,
-            download_size=sum(v for f, v in download.items() if f != TEST_CONFIG) if name == DEFAULT_CONFIG else download[name],
-            dataset_size=sum(i.num_bytes for i in splits.values()),
-            config_name=name,
-        )
-    DatasetInfosDict(infos).to_dataset_card_data(card_data)
-    return card_data
-
-
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder into place; an existing folder is replaced only after that succeeds."""
     old = None
@@ -260,6 +244,21 @@ def swap_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"1.2.3"`` (or ``"v1.2.3"``) → (1, 2, 3); a DataError for anything else."""
+    parts = str(text).removeprefix("v").split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise DataError(f"not a semantic version X.Y.Z: {text!r}", field="version")
+    return tuple(int(p) for p in parts)
+
+
+def _existing_version(root: Path) -> tuple[int, int, int] | None:
+    try:
+        return parse_version(json.loads((root / "manifest.json").read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -1,5 +1,5 @@
-"""The dataset card: its renderer (and, later, its template and plots)."""
+"""The dataset card: template, renderer and plots."""
 
-from dataset_card.card import render_card
+from dataset_card.card import render_folder_card
 
-__all__ = ["render_card"]
+__all__ = ["render_folder_card"]

@@ -1,93 +1,217 @@
-"""Render a dataset folder's README.md: YAML metadata, then the prose a user needs.
+"""Render a dataset folder's ``README.md`` (YAML metadata, then prose) and its plots under ``assets/``.
 
-Deterministic: the same folder contents give the same bytes (no dates, sorted tables).
+Everything is read from the folder (``manifest.json`` and a few columns of the shards, see
+``dataset_card.stats``) and filled into ``dataset_card/template.md``. The output is deterministic:
+re-rendering an unchanged folder writes nothing::
+
+    result = render_folder_card("out/spa_vl")
+    result.changed     # [] on a second run
 """
 
 from __future__ import annotations
 
-from huggingface_hub import DatasetCardData
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import jinja2
+from datasets import DatasetInfo, SplitDict, SplitInfo
+from datasets.info import DatasetInfosDict
+from datasets.utils.metadata import MetadataConfigs
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from builder.folder import DEFAULT_CONFIG, TEST_CONFIG, config_data_files
+from builder.taxonomy import Taxonomy
+from dataset_card import plots
+from dataset_card.stats import FolderStats
+
+TEMPLATE = Path(__file__).with_name("template.md")
+LICENSE = "cc-by-4.0"
 GATING_PROMPT = (
     "SPA-VL contains images and text about harmful topics (toxicity, fraud, weapons, privacy "
     "violations and more), collected to train models to refuse or answer them safely. Agree to use "
     "it for safety research and alignment only."
 )
+GATING_FIELDS = {"I will use this dataset for safety research and alignment only": "checkbox"}
+DEFAULT_DESCRIPTION = (
+    "Safety preference data for vision-language models in the layout of the SPA-VL paper: "
+    "(image, question, chosen, rejected) with the harm labels class1/class2/class3."
+)
 
 
-def render_card(card_data: DatasetCardData, summary, taxonomy, version: str, card: dict) -> str:
-    """``card`` may set ``title``, ``synthetic`` (bool) and ``description`` (markdown)."""
-    data = card_data.to_dict()
-    data.update(
-        {
-            "license": "cc-by-4.0",
-            "language": ["en"],
-            "pretty_name": card.get("title", "SPA-VL"),
-            "task_categories": ["visual-question-answering", "image-text-to-text"],
-            "tags": ["safety", "preference", "dpo", "rlhf", "vision-language"] + (["synthetic"] if card.get("synthetic") else []),
-            "size_categories": [_size_category(summary.total_rows)],
-            "extra_gated_prompt": GATING_PROMPT,
-        }
+@dataclass
+class CardResult:
+    root: Path
+    changed: list[str] = field(default_factory=list)  # paths (relative to root) whose bytes changed
+    files: list[str] = field(default_factory=list)  # every path the card consists of
+
+
+def render_folder_card(root: str | Path, *, taxonomy: Taxonomy | None = None, repo_id: str | None = None) -> CardResult:
+    """Write ``README.md`` and ``assets/*.png`` of a dataset folder; only files whose bytes change are written.
+
+    ``repo_id`` (for the load examples) is remembered in the manifest's card options; without it the
+    last one given is used, or a placeholder.
+    """
+    root = Path(root)
+    taxonomy = taxonomy or Taxonomy.load()
+    if repo_id is not None:
+        _set_card_option(root, "repo_id", repo_id)
+    stats = FolderStats.read(root)
+    outputs = {"README.md": render_card_text(stats, taxonomy).encode()}
+    labels, counts = _category_counts(stats, taxonomy)
+    outputs[plots.ROWS_PLOT] = plots.rows_per_category(labels, counts)
+    if stats.has_safety_labels:
+        keys = [k for k in _categories(taxonomy) if stats.unsafe.get(k)]
+        rates = {w: [stats.unsafe[k].rate(w) for k in keys] for w in ("question", "chosen", "rejected")}
+        outputs[plots.UNSAFE_PLOT] = plots.unsafe_rate_per_category([c for _, c in keys], rates)
+    result = CardResult(root, files=sorted(outputs))
+    for rel, data in outputs.items():
+        if write_if_changed(root / rel, data):
+            result.changed.append(rel)
+    # A plot the card no longer embeds (safety labels gone) is removed.
+    stale = root / plots.UNSAFE_PLOT
+    if plots.UNSAFE_PLOT not in outputs and stale.exists():
+        stale.unlink()
+        result.changed.append(plots.UNSAFE_PLOT)
+    return result
+
+
+def render_card_text(stats: FolderStats, taxonomy: Taxonomy) -> str:
+    opts = stats.card_options
+    repo = opts.get("repo_id") or "path/to/SPA-VL"
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    env.filters["thousands"] = lambda n: f"{n:,}"
+    config_splits = stats.config_splits(taxonomy)
+    text = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
+        card_data=card_metadata(stats, taxonomy, config_splits).to_yaml(),
+        title=opts.get("title", "SPA-VL"),
+        version=stats.version,
+        synthetic=bool(opts.get("synthetic")),
+        description=opts.get("description", DEFAULT_DESCRIPTION),
+        n_categories=sum(len(d.categories) for d in taxonomy.domains),
+        n_subcategories=len(taxonomy.paths()),
+        config_rows=[{"config": c, "split": s, "rows": v["rows"]} for c, splits in config_splits.items() for s, v in splits.items()],
+        total_rows=stats.total_rows,
+        n_files=len(stats.manifest.get("files", {})),
+        size=_human_bytes(sum(v["bytes"] for v in stats.shards.values())),
+        taxonomy_rows=_taxonomy_rows(stats, taxonomy),
+        unattributed=stats.rows_by_category.get((None, None, "train"), 0),
+        question_types=[{"type": qt, "train": stats.question_types.get((qt, "train"), 0),
+                         "validation": stats.question_types.get((qt, "validation"), 0)}
+                        for qt in ("easy", "hardq", "hards") if any(stats.question_types.get((qt, s)) for s in ("train", "validation"))],
+        unsafe_rows=_unsafe_rows(stats, taxonomy),
+        unsafe_labelled=sum(u.labelled for u in stats.unsafe.values()),
+        models_text=_models_text(stats),
+        repo=repo,
+        revision_arg=f', revision="v{stats.version}"' if opts.get("repo_id") else "",
+        extra_limitations=list(opts.get("limitations", [])),
+        build_config_hash=stats.manifest.get("build_config_hash", "unknown"),
     )
-    yaml_text = DatasetCardData(**data).to_yaml()
-    title = card.get("title", "SPA-VL")
-    lines = [f"---\n{yaml_text}\n---", "", f"# {title} (version {version})", ""]
-    if card.get("synthetic"):
-        lines += [
-            "> **Synthetic data.** Every image here was drawn by PIL and every text filled from a template by",
-            "> `spa-vl fixture`. It has the shape of SPA-VL, not its content: use it for tests and demos only.",
-            "",
-        ]
-    lines += [
-        card.get(
-            "description",
-            "Safety preference data for vision-language models in the layout of the SPA-VL paper "
-            "(arXiv 2406.12030): (image, question, chosen, rejected) with the harm labels class1/class2/class3. "
-            "It contains harmful content by design, so that models learn to decline it.",
-        ),
-        "",
-        "## Configs",
-        "",
-        "| config | split | rows |",
-        "|---|---|---:|",
-    ]
-    for config, splits in summary.config_rows.items():
-        for split, rows in splits.items():
-            lines.append(f"| `{config}` | {split} | {rows:,} |")
-    if summary.question_types:
-        lines += ["", "## Question types", "", "| type | train | validation |", "|---|---:|---:|"]
-        for qt in ("easy", "hardq", "hards"):
-            n = [summary.question_types.get((qt, s), 0) for s in ("train", "validation")]
-            lines.append(f"| {qt} | {n[0]:,} | {n[1]:,} |")
-    lines += [
-        "",
-        "## Rows per harm category",
-        "",
-        "| domain (class1) | category (class2) | train | validation | harm | help |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    DatasetCard(text)  # the YAML header must load back: raises if it does not
+    return text
+
+
+def card_metadata(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict | None = None) -> DatasetCardData:
+    """The card's YAML: licence, tasks, tags, gating, ``configs`` (data files) and ``dataset_info`` (counts)."""
+    config_splits = config_splits if config_splits is not None else stats.config_splits(taxonomy)
+    card_data = DatasetCardData()
+    patterns = config_data_files([c for c in config_splits if c not in (DEFAULT_CONFIG, TEST_CONFIG)])
+    configs = {name: {"data_files": [{"split": s, "path": patterns[name][s]} for s in splits]}
+               for name, splits in config_splits.items()}
+    if DEFAULT_CONFIG in configs:
+        configs[DEFAULT_CONFIG]["default"] = True
+    MetadataConfigs(configs).to_dataset_card_data(card_data)
+
+    infos = {}
+    for name, splits in config_splits.items():
+        split_dict = SplitDict()
+        for split, v in splits.items():
+            split_dict.add(SplitInfo(name=split, num_bytes=v["num_bytes"], num_examples=v["rows"]))
+        # No `features`: the shards carry them in their schema metadata, and leaving them out keeps the
+        # YAML that every `load_dataset` call parses small (it was a third of a domain load).
+        infos[name] = DatasetInfo(
+            splits=split_dict,
+            download_size=sum(v["bytes"] for v in splits.values()),
+            dataset_size=sum(v["num_bytes"] for v in splits.values()),
+            config_name=name,
+        )
+    DatasetInfosDict(infos).to_dataset_card_data(card_data)
+
+    opts = stats.card_options
+    data = card_data.to_dict()
+    data.update({
+        "license": LICENSE,
+        "language": ["en"],
+        "pretty_name": opts.get("title", "SPA-VL"),
+        "task_categories": ["visual-question-answering", "image-text-to-text"],
+        "tags": ["safety", "preference", "dpo", "rlhf", "vision-language", "harmful-content"]
+                + (["synthetic"] if opts.get("synthetic") else []),
+        "size_categories": [_size_category(stats.total_rows)],
+        "extra_gated_prompt": GATING_PROMPT,
+        "extra_gated_fields": GATING_FIELDS,
+    })
+    return DatasetCardData(**data)
+
+
+# --- pieces of the prose ------------------------------------------------------------------------
+def _categories(taxonomy: Taxonomy) -> list[tuple[str, str]]:
+    return [(d.label, c.label) for d in taxonomy.domains for c in d.categories]
+
+
+def _taxonomy_rows(stats: FolderStats, taxonomy: Taxonomy) -> list[dict]:
+    rows = []
     for d in taxonomy.domains:
         for c in d.categories:
-            n = [summary.by_category.get((d.label, c.label, s), 0) for s in ("train", "validation", "harm", "help")]
-            lines.append(f"| {d.label} | {c.label} | " + " | ".join(f"{x:,}" for x in n) + " |")
-    unattributed = summary.by_category.get((None, None, "train"), 0)
-    if unattributed:
-        lines += ["", f"{unattributed:,} train rows carry no harm labels (could not be attributed); "
-                      "they are in the `default` config only."]
-    lines += [
-        "",
-        "## Load",
-        "",
-        "```python",
-        "from datasets import load_dataset",
-        'ds = load_dataset("path/to/this/folder", "malicious_use")   # one harm domain: train + validation',
-        'test = load_dataset("path/to/this/folder", "test")          # harm + help evaluation questions',
-        "```",
-        "",
-        "Licence: CC-BY-4.0 (the SPA-VL dataset's). Citation: Zhang et al., *SPA-VL: A Comprehensive Safety "
-        "Preference Alignment Dataset for Vision Language Models*, CVPR 2025.",
-        "",
-    ]
-    return "\n".join(lines)
+            counts = [stats.rows_by_category.get((d.label, c.label, s), 0) for s in ("train", "validation", "harm", "help")]
+            rows.append({"domain": d.label, "category": c.label,
+                         "images": stats.images_by_category.get((d.label, c.label), 0), "counts": counts})
+    return rows
+
+
+def _category_counts(stats: FolderStats, taxonomy: Taxonomy) -> tuple[list[str], dict[str, list[int]]]:
+    keys = _categories(taxonomy)
+    counts = {s: [stats.rows_by_category.get((a, b, s), 0) for a, b in keys] for s in ("train", "validation", "harm", "help")}
+    return [b for _, b in keys], {s: v for s, v in counts.items() if any(v)}
+
+
+def _unsafe_rows(stats: FolderStats, taxonomy: Taxonomy) -> list[dict]:
+    rows = []
+    for a, b in _categories(taxonomy):
+        u = stats.unsafe.get((a, b))
+        if u and u.labelled:
+            rows.append({"domain": a, "category": b, "labelled": u.labelled,
+                         **{w: 100 * u.rate(w) for w in ("question", "chosen", "rejected")}})
+    return rows
+
+
+def _models_text(stats: FolderStats) -> str:
+    cfg = stats.build_config
+    source = cfg.get("source")
+    lines = []
+    answered = stats.chosen_models + stats.rejected_models
+    if answered:
+        lines += ["Answers came from these models (rows where the model's answer is chosen / rejected):", "",
+                  "| model | chosen | rejected |", "|---|---:|---:|"]
+        for model in sorted(answered):
+            lines.append(f"| `{model}` | {stats.chosen_models.get(model, 0):,} | {stats.rejected_models.get(model, 0):,} |")
+        lines.append("")
+    elif source == "upstream":
+        lines.append("The upstream data does not say which model wrote each answer. The paper sampled two answers per "
+                     "question from a bag of 12 VLMs (InstructBLIP, InternLM-XComposer, LAMM, LAMM+SFT, LLaMA-Adapter-v2, "
+                     "MiniGPT-4, mPLUG-Owl, Otter, Qwen-VL-Chat, LLaVA-1.5, Gemini 1.0 Pro Vision, and Gemini with a "
+                     "jailbreak prompt).")
+    else:
+        lines.append("The rows do not record which model wrote each answer.")
+    if cfg.get("judge"):
+        lines.append(f"The judge that picked chosen over rejected (in both orders, harmless first, then helpful): `{cfg['judge']}`.")
+    elif source == "upstream":
+        lines.append("The judge was GPT-4V (harmless first, then helpful); MD-Judge gave the safety labels.")
+    if cfg.get("safety"):
+        lines.append(f"Safety labels: `{cfg['safety']}`.")
+    if source == "fixture":
+        lines.append("This is a synthetic fixture: no model answered or judged anything; the texts are templates.")
+    return "\n".join(lines).strip()
 
 
 def _size_category(n: int) -> str:
@@ -95,3 +219,36 @@ def _size_category(n: int) -> str:
         if n < bound:
             return name
     return "n>1M"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+# --- files ----------------------------------------------------------------------------------------
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Atomically replace ``path`` with ``data`` unless it already holds exactly that; True if written."""
+    if path.exists() and path.read_bytes() == data:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True
+
+
+def _set_card_option(root: Path, key: str, value) -> None:
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if manifest.setdefault("card", {}).get(key) != value:
+        manifest["card"][key] = value
+        write_if_changed(path, manifest_bytes(manifest))
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+

@@ -95,6 +95,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["units"]["done"] == summary["units"]["total"] > 0 and summary["pairs"]["kept"] > 0
     assert (tmp_path / "demo" / "generated" / "manifest.json").exists()
     assert "malicious_use" in proc.stdout
+    # the maintainer's part: the generated folder validates, and version 0.2.0 has a changelog entry
+    assert "all checks passed" in proc.stdout
+    generated = tmp_path / "demo" / "generated"
+    assert json.loads((generated / "manifest.json").read_text())["version"] == "0.2.0"
+    assert "## 0.2.0" in (generated / "CHANGELOG.md").read_text()
 
 
 def test_generate_exits_1_when_units_failed_and_2_on_a_bad_config(tmp_path):

@@ -1,0 +1,423 @@
+"""Publish a dataset folder to the Hugging Face Hub as one commit plus a tag per version, and pull it back.
+
+``publish`` refuses unless ``validate`` passes and the version's tag does not exist yet (a tag never
+moves). It compares the folder with the repo's ``main`` (one tree listing), uploads what differs and
+deletes what the folder no longer has, all in **one commit**, then creates the tag ``vX.Y.Z`` on that
+commit. Faults are retried; after a crash, re-running finds the commit already on ``main`` (same
+tree) and only adds the tag, so a version never gets a second commit or a second tag::
+
+    result = publish("out/spa_vl", "org/SPA-VL")          # private and gated unless told otherwise
+    result.commit, result.tag                              # "3f2a...", "v0.2.0"
+    pull("org/SPA-VL", "copy", revision="v0.2.0")          # snapshot_download + manifest checksums
+
+The token comes from ``HF_TOKEN`` or the ``huggingface_hub`` login (``hf auth login``); it is handed
+to ``HfApi`` and never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from builder.errors import DataError
+from builder.folder import CHANGELOG, read_manifest, swap_into_place
+from builder.shards import file_sha256
+
+REPO_TYPE = "dataset"
+PUBLISHED_DIRS = ("assets",)  # besides README.md, CHANGELOG.md, manifest.json and the manifest's files
+KEEP_REMOTE = (".gitattributes",)  # files the Hub manages; never deleted by a publish
+
+
+class PublishRefused(Exception):
+    """Publishing would break a rule (validation failed, version already published): exit code 1."""
+
+
+@dataclass
+class LocalFile:
+    path: str  # posix path in the repo
+    local: Path
+    size: int
+    sha256: str
+    git_oid: str  # git blob sha1, which the Hub reports for regular (non-LFS) files
+
+
+@dataclass
+class Plan:
+    repo_id: str
+    version: str
+    tag: str
+    files: list[LocalFile]
+    upload: list[LocalFile] = field(default_factory=list)  # new or changed against main
+    delete: list[str] = field(default_factory=list)
+    repo_exists: bool | None = None  # None: could not be checked (no access)
+    head: str | None = None  # main's commit before this publish
+    tag_commit: str | None = None  # where the tag already points, if it exists
+    note: str = ""
+
+    @property
+    def commit_message(self) -> str:
+        return f"Release {self.tag}"
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def bytes_upload(self) -> int:
+        return sum(f.size for f in self.upload)
+
+    def describe(self, *, private: bool, gated: bool) -> str:
+        lines = [f"publish plan for {self.repo_id} (dataset repo), version {self.version}"]
+        if self.repo_exists is False:
+            lines.append(f"  create repo: yes ({'private' if private else 'public'}, {'gated' if gated else 'not gated'})")
+        elif self.repo_exists is None:
+            lines.append(f"  repo: could not be read ({self.note}); it would be created if missing")
+        else:
+            lines.append(f"  repo: exists, main at {self.head[:12] if self.head else '(empty)'}")
+        lines.append(f"  files: {len(self.files)} ({_mb(self.bytes_total)}); to upload: {len(self.upload)} ({_mb(self.bytes_upload)}); "
+                     f"to delete: {len(self.delete)}")
+        for f in self.upload:
+            lines.append(f"    + {f.path}  {f.size:,} B")
+        for p in self.delete:
+            lines.append(f"    - {p}")
+        lines.append(f"  commit message: {self.commit_message!r} (one commit)")
+        lines.append(f"  tag: {self.tag} on that commit")
+        return "\n".join(lines)
+
+
+@dataclass
+class PublishResult:
+    repo_id: str
+    version: str
+    tag: str
+    commit: str
+    files: int
+    uploaded: int
+    deleted: int
+    bytes_uploaded: int
+    created_repo: bool
+    resumed: bool  # the commit was already on main (a re-run after a crash): only the tag was added
+    attempts: int
+    seconds: float
+
+    def summary_line(self) -> str:
+        how = "resumed: commit already on main, tag added" if self.resumed else f"{self.uploaded} uploaded, {self.deleted} deleted"
+        return (f"published {self.repo_id} {self.tag}: {self.files} files ({how}, {_mb(self.bytes_uploaded)} sent), "
+                f"commit {self.commit[:12]}, {self.attempts} attempt(s), {self.seconds:.1f} s")
+
+
+# --- the folder's files --------------------------------------------------------------------------
+def publishable_files(root: str | Path) -> list[LocalFile]:
+    """README.md, CHANGELOG.md, manifest.json, every file the manifest lists, and the card's plots.
+
+    Anything else in the folder (``.spa_vl/`` history, editor files) stays local.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    paths = ["README.md", "manifest.json", *manifest.get("files", {})]
+    if (root / CHANGELOG).is_file():
+        paths.append(CHANGELOG)
+    for d in PUBLISHED_DIRS:
+        paths += [p.relative_to(root).as_posix() for p in sorted((root / d).glob("*")) if p.is_file()]
+    out = []
+    for rel in sorted(set(paths)):
+        local = root / rel
+        if not local.is_file():
+            raise DataError("file missing from the dataset folder", file=str(local))
+        out.append(LocalFile(rel, local, local.stat().st_size, file_sha256(local), git_blob_oid(local)))
+    return out
+
+
+def git_blob_oid(path: Path) -> str:
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- publish ---------------------------------------------------------------------------------------
+def publish(
+    root: str | Path,
+    repo_id: str,
+    *,
+    private: bool = True,
+    gated: bool = True,
+    dry_run: bool = False,
+    token: str | None = None,
+    retries: int = 5,
+    backoff: float = 1.0,
+    full_decode: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> PublishResult | Plan:
+    """Publish ``root`` to ``repo_id``; returns the plan on ``dry_run``. See the module docstring."""
+    from huggingface_hub import HfApi, get_token
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.monotonic()
+    root = Path(root)
+    _check_repo_id(repo_id)
+    if not dry_run:
+        from dataset_card.card import render_folder_card
+
+        render_folder_card(root, repo_id=repo_id)  # the card's load examples name this repo and version
+
+    from builder.validate import validate
+
+    report = validate(root, full_decode=full_decode, progress=False)
+    if not report.ok and not dry_run:
+        raise PublishRefused(f"validation failed; fix the folder before publishing:\n{report.format_table()}")
+
+    token = token or get_token()
+    if token is None and not dry_run:
+        raise DataError("no Hugging Face token: set HF_TOKEN or run `hf auth login`", field="token")
+    api = HfApi(token=token)
+    manifest = read_manifest(root)
+    version = str(manifest["version"])
+    plan = _plan(api, root, repo_id, version)
+    if dry_run:
+        if not report.ok:
+            plan.note = (plan.note + "; " if plan.note else "") + "validation FAILS: publish would refuse"
+        log(plan.describe(private=private, gated=gated) + ("\n  validation: passes" if report.ok else f"\n{report.format_table()}"))
+        return plan
+    if plan.tag_commit is not None:
+        raise PublishRefused(f"{repo_id} already has tag {plan.tag} (commit {plan.tag_commit[:12]}); a published version "
+                             "never changes: bump it with `spa-vl version DIR --bump patch|minor|major`")
+
+    created = False
+    if not plan.repo_exists:
+        _retry(lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True), retries, backoff, log, "create repo")
+        if gated:
+            _retry(lambda: api.update_repo_settings(repo_id, repo_type=REPO_TYPE, gated="auto"), retries, backoff, log, "gate repo")
+        created = True
+        plan = _plan(api, root, repo_id, version)
+
+    commit, attempts, resumed = _commit_version(api, root, plan, retries, backoff, log)
+    _tag(api, repo_id, plan.tag, commit, retries, backoff, log)
+
+    from builder.versioning import record_ids
+
+    record_ids(root, version)  # the baseline of the next `spa-vl version`
+    return PublishResult(repo_id, version, plan.tag, commit, len(plan.files), 0 if resumed else len(plan.upload),
+                         0 if resumed else len(plan.delete), 0 if resumed else plan.bytes_upload, created, resumed,
+                         attempts, time.monotonic() - t0)
+
+
+def _plan(api, root: Path, repo_id: str, version: str) -> Plan:
+    """Compare the folder with the repo: which files to upload or delete, where main and the tag are."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    files = publishable_files(root)
+    plan = Plan(repo_id, version, f"v{version}", files, upload=list(files))
+    try:
+        refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
+    except RepositoryNotFoundError:
+        plan.repo_exists = False
+        return plan
+    except HfHubHTTPError as e:
+        plan.repo_exists, plan.note = None, _short(e)
+        return plan
+    plan.repo_exists = True
+    plan.tag_commit = next((t.target_commit for t in refs.tags if t.name == plan.tag), None)
+    plan.head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
+    if plan.head is None:
+        return plan
+    tree = api.list_repo_tree(repo_id, repo_type=REPO_TYPE, revision=plan.head, recursive=True)
+    remote = {e.path: e for e in tree if isinstance(e, RepoFile)}
+    local = {f.path: f for f in files}
+    plan.upload = [f for f in files if not _same(f, remote.get(f.path))]
+    plan.delete = sorted(p for p in remote if p not in local and p not in KEEP_REMOTE)
+    return plan
+
+
+def _same(local: LocalFile, remote) -> bool:
+    if remote is None or getattr(remote, "size", None) != local.size:
+        return False
+    lfs = getattr(remote, "lfs", None)
+    if lfs is not None:
+        return getattr(lfs, "sha256", None) == local.sha256
+    return getattr(remote, "blob_id", None) == local.git_oid
+
+
+def _commit_version(api, root: Path, plan: Plan, retries: int, backoff: float, log) -> tuple[str, int, bool]:
+    """One commit with every change; retried. Before each retry, main is compared with the folder again,
+    so a commit that landed although the client saw an error is found and never made twice."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    if not plan.upload and not plan.delete and plan.head is not None:
+        log(f"publish: main ({plan.head[:12]}) already holds this version's files; adding the tag only")
+        return plan.head, 0, True
+    attempt = 0
+    while True:
+        attempt += 1
+        ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.local)) for f in plan.upload]
+        ops += [CommitOperationDelete(path_in_repo=p) for p in plan.delete]
+        log(f"publish: commit {plan.commit_message!r}: {len(plan.upload)} files to upload ({_mb(plan.bytes_upload)}), "
+            f"{len(plan.delete)} to delete (attempt {attempt})")
+        try:
+            info = api.create_commit(plan.repo_id, ops, commit_message=plan.commit_message, repo_type=REPO_TYPE,
+                                     parent_commit=plan.head,
+                                     commit_description=f"spa-vl dataset version {plan.version}; see CHANGELOG.md.")
+            return info.oid, attempt, False
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not _transient(e) and not _conflict(e):
+                raise
+            if attempt > retries:
+                raise RuntimeError(f"publish: commit failed after {attempt} attempts: {_short(e)}") from e
+            log(f"publish: commit attempt {attempt} failed ({_short(e)}); checking main and retrying")
+            _sleep(backoff, attempt)
+        fresh = _plan_or_none(api, root, plan)
+        if fresh is None:
+            continue
+        if fresh.tag_commit is not None:
+            raise PublishRefused(f"{plan.repo_id} got tag {plan.tag} from elsewhere while publishing")
+        if not fresh.upload and not fresh.delete and fresh.head is not None:
+            log(f"publish: the commit landed despite the error (main at {fresh.head[:12]}); not committing again")
+            return fresh.head, attempt, False
+        plan = fresh
+
+
+def _plan_or_none(api, root: Path, plan: Plan) -> Plan | None:
+    try:
+        return _plan(api, root, plan.repo_id, plan.version)
+    except Exception as e:  # noqa: BLE001
+        if _transient(e):
+            return None
+        raise
+
+
+def _tag(api, repo_id: str, tag: str, commit: str, retries: int, backoff: float, log) -> None:
+    """Create the tag on the version's commit; an existing tag is fine only if it already points there."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def create():
+        try:
+            api.create_tag(repo_id, tag=tag, revision=commit, repo_type=REPO_TYPE, tag_message=f"spa-vl dataset {tag}")
+        except HfHubHTTPError as e:
+            if getattr(e.response, "status_code", None) != 409:
+                raise
+            # Exists: ours if an earlier attempt's reply was lost; anyone else's is never moved.
+            refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
+            where = next((t.target_commit for t in refs.tags if t.name == tag), None)
+            if where != commit:
+                raise PublishRefused(f"{repo_id} already has tag {tag} at {str(where)[:12]}, not at {commit[:12]}") from e
+
+    _retry(create, retries, backoff, log, f"tag {tag}")
+
+
+def _retry(fn, retries: int, backoff: float, log, what: str):
+    for attempt in range(1, retries + 2):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if not _transient(e) or attempt > retries:
+                raise
+            log(f"publish: {what} attempt {attempt} failed ({_short(e)}); retrying")
+            _sleep(backoff, attempt)
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth retrying: 5xx and 429 answers, dropped connections, timeouts, failed LFS uploads."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, HfHubHTTPError):
+            status = getattr(e.response, "status_code", None)
+            return status is None or status >= 500 or status in (408, 429)
+        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(("httpx", "httpcore", "h11")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _conflict(e: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in (409, 412)
+
+
+def _sleep(backoff: float, attempt: int) -> None:
+    if backoff > 0:
+        time.sleep(min(30.0, backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2))
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _check_repo_id(repo_id: str) -> None:
+    parts = str(repo_id).split("/")
+    if len(parts) != 2 or not all(parts):
+        raise DataError(f"repo id must look like 'namespace/name', not {repo_id!r}", field="repo_id")
+
+
+# --- pull ------------------------------------------------------------------------------------------
+@dataclass
+class PullResult:
+    repo_id: str
+    revision: str | None
+    out: Path
+    version: str
+    files: int
+    bytes: int
+    seconds: float
+
+    def summary_line(self) -> str:
+        return (f"pulled {self.repo_id}@{self.revision or 'main'} (version {self.version}) into {self.out}: "
+                f"{self.files} files, {_mb(self.bytes)}, manifest checksums verified, {self.seconds:.1f} s")
+
+
+def pull(repo_id: str, out: str | Path, *, revision: str | None = None, overwrite: bool = False,
+         token: str | None = None) -> PullResult:
+    """Download a version with ``snapshot_download`` and verify every file against ``manifest.json``.
+
+    Files land in ``.OUT.partial`` first (a re-run resumes there) and are renamed to ``OUT`` only once
+    every checksum matches; a mismatch leaves ``OUT`` untouched and raises.
+    """
+    from huggingface_hub import snapshot_download
+
+    t0 = time.monotonic()
+    _check_repo_id(repo_id)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DataError("output folder exists and is not empty; pass --overwrite to replace it", file=str(out))
+    partial = out.parent / f".{out.name}.partial"
+    snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, local_dir=partial, token=token)
+    shutil.rmtree(partial / ".cache", ignore_errors=True)  # snapshot_download's resume metadata
+    for name in KEEP_REMOTE:  # the Hub's own files are not part of the dataset folder
+        (partial / name).unlink(missing_ok=True)
+    manifest = verify_manifest(partial)
+    sizes = [p.stat().st_size for p in partial.rglob("*") if p.is_file()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    swap_into_place(partial, out)
+    return PullResult(repo_id, revision, out, str(manifest.get("version")), len(sizes), sum(sizes), time.monotonic() - t0)
+
+
+def verify_manifest(root: str | Path) -> dict:
+    """Every file the manifest lists exists with its sha256 and byte count; a DataError names the first that does not."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    for rel, entry in sorted(manifest.get("files", {}).items()):
+        path = root / rel
+        if not path.is_file():
+            raise DataError("listed in manifest.json but missing", file=rel)
+        if path.stat().st_size != entry.get("bytes"):
+            raise DataError(f"{path.stat().st_size:,} bytes, manifest says {entry.get('bytes'):,}", file=rel, field="bytes")
+        if file_sha256(path) != entry.get("sha256"):
+            raise DataError("sha256 differs from manifest.json", file=rel, field="sha256")
+    return manifest
+

@@ -1,0 +1,157 @@
+"""What the card says about a dataset folder, read from the folder itself.
+
+Everything comes from ``manifest.json`` (files, rows, sizes, version, build config, card options)
+and from a few small columns of the shards (labels, question type, models, safety labels), read with
+column projection so that no image is ever loaded::
+
+    stats = FolderStats.read("out/spa_vl")
+    stats.rows_by_category[("Malicious Use", "Fraud or deceptive action", "train")]   # 1,204
+    stats.unsafe["Malicious Use", "Fraud or deceptive action"]  # UnsafeRates(questions=..., ...)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from builder.folder import (
+    DEFAULT_CONFIG,
+    EVAL_SPLITS,
+    PREFERENCE_SPLITS,
+    TEST_CONFIG,
+    read_manifest,
+)
+from builder.taxonomy import Taxonomy
+
+SPLITS = PREFERENCE_SPLITS + EVAL_SPLITS
+_PREFERENCE_COLUMNS = ("class1", "class2", "class3", "image_name", "question_type", "chosen_model", "rejected_model",
+                       "question_unsafe", "chosen_unsafe", "rejected_unsafe")
+_EVAL_COLUMNS = ("class1", "class2")
+
+
+@dataclass
+class UnsafeRates:
+    """Safety-label counts of preference rows (train and validation), where labels exist."""
+
+    labelled: int = 0  # rows whose three labels are all present
+    question: int = 0
+    chosen: int = 0
+    rejected: int = 0
+
+    def add(self, q: bool, c: bool, r: bool) -> None:
+        self.labelled += 1
+        self.question += bool(q)
+        self.chosen += bool(c)
+        self.rejected += bool(r)
+
+    def rate(self, which: str) -> float:
+        return getattr(self, which) / self.labelled if self.labelled else 0.0
+
+
+@dataclass
+class FolderStats:
+    root: Path
+    manifest: dict
+    # (folder under data/, split) → rows, bytes, arrow bytes; from the manifest
+    shards: dict[tuple[str, str], dict[str, int]]
+    rows_by_category: Counter = field(default_factory=Counter)  # (class1, class2, split) → rows
+    # (class1, class2) → distinct images of train + validation, by (class3, image_name): upstream names
+    # such as "170.jpg" repeat across subcategories but not within one
+    images_by_category: Counter = field(default_factory=Counter)
+    question_types: Counter = field(default_factory=Counter)  # (question_type, split) → rows
+    unsafe: dict[tuple[str, str], UnsafeRates] = field(default_factory=dict)  # (class1, class2) → counts
+    chosen_models: Counter = field(default_factory=Counter)
+    rejected_models: Counter = field(default_factory=Counter)
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version", "0.0.0"))
+
+    @property
+    def build_config(self) -> dict:
+        return self.manifest.get("build_config") or {}
+
+    @property
+    def card_options(self) -> dict:
+        return self.manifest.get("card") or {}
+
+    @property
+    def total_rows(self) -> int:
+        return sum(v["rows"] for v in self.shards.values())
+
+    @property
+    def has_safety_labels(self) -> bool:
+        return any(u.labelled for u in self.unsafe.values())
+
+    def config_splits(self, taxonomy: Taxonomy) -> dict[str, dict[str, dict[str, int]]]:
+        """config → split → {rows, bytes, num_bytes} for the configs and splits that hold rows.
+
+        A domain config is its folder; ``default`` is every preference folder (``unattributed``
+        included); ``test`` is ``data/test``. Empty splits and configs are left out: ``datasets``
+        cannot load a declared split with no rows.
+        """
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        members = {DEFAULT_CONFIG: [f for f, _ in self.shards if f != TEST_CONFIG]}
+        members |= {slug: [slug] for slug in taxonomy.slugs}
+        members[TEST_CONFIG] = [TEST_CONFIG]
+        for config, folders in members.items():
+            for split in EVAL_SPLITS if config == TEST_CONFIG else PREFERENCE_SPLITS:
+                parts = [self.shards[(f, split)] for f in dict.fromkeys(folders) if (f, split) in self.shards]
+                total = {k: sum(p[k] for p in parts) for k in ("rows", "bytes", "num_bytes")}
+                if total["rows"]:
+                    out.setdefault(config, {})[split] = total
+        return out
+
+    @classmethod
+    def read(cls, root: str | Path) -> "FolderStats":
+        root = Path(root)
+        manifest = read_manifest(root)
+        shards: dict[tuple[str, str], dict[str, int]] = {}
+        stats = cls(root=root, manifest=manifest, shards=shards)
+        images: dict[tuple[str, str], set] = {}
+        for rel, entry in sorted(manifest.get("files", {}).items()):
+            folder, split = shard_key(rel)
+            agg = shards.setdefault((folder, split), {"rows": 0, "bytes": 0, "num_bytes": 0})
+            agg["rows"] += int(entry.get("rows", 0))
+            agg["bytes"] += int(entry.get("bytes", 0))
+            agg["num_bytes"] += int(entry.get("num_bytes", 0))
+            stats._count(root / rel, split, images)
+        for key, names in images.items():
+            stats.images_by_category[key] = len(names)
+        return stats
+
+    def _count(self, path: Path, split: str, images: dict) -> None:
+        preference = split in PREFERENCE_SPLITS
+        wanted = _PREFERENCE_COLUMNS if preference else _EVAL_COLUMNS
+        pf = pq.ParquetFile(path)
+        columns = [c for c in wanted if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(columns=columns, batch_size=65_536):
+            cols = batch.to_pydict()
+            n = batch.num_rows
+            get = lambda name: cols.get(name) or [None] * n  # noqa: E731 - a column absent from old files
+            c1, c2 = get("class1"), get("class2")
+            self.rows_by_category.update(zip(c1, c2, [split] * n))
+            if not preference:
+                continue
+            for a, b, c3, name in zip(c1, c2, get("class3"), get("image_name")):
+                images.setdefault((a, b), set()).add((c3, name))
+            self.question_types.update((qt, split) for qt in get("question_type") if qt)
+            self.chosen_models.update(m for m in get("chosen_model") if m)
+            self.rejected_models.update(m for m in get("rejected_model") if m)
+            for a, b, q, c, r in zip(c1, c2, get("question_unsafe"), get("chosen_unsafe"), get("rejected_unsafe")):
+                if q is not None and c is not None and r is not None:
+                    self.unsafe.setdefault((a, b), UnsafeRates()).add(q, c, r)
+
+
+def shard_key(rel: str) -> tuple[str, str]:
+    """``data/<folder>/<split>-0000K-of-0000N.parquet`` → (folder, split)."""
+    parts = rel.split("/")
+    if len(parts) != 3 or parts[0] != "data" or "-" not in parts[2]:
+        raise ValueError(f"not a shard path of a dataset folder: {rel}")
+    split = parts[2].split("-", 1)[0]
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} in shard path {rel}")
+    return parts[1], split

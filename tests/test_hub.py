@@ -1,0 +1,204 @@
+"""publish and pull through the loopback Hub, driven by the real huggingface_hub client over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hub_server import HubServer, hub_env
+
+from builder.errors import DataError
+from builder.hub import Plan, PublishRefused, publish, pull, verify_manifest
+from builder.versioning import bump
+
+REPO = "org/SPA-VL"
+TOKEN = "hf_loopbackTEST0123456789secret"
+SPA_VL = str(Path(sys.executable).with_name("spa-vl"))
+
+
+@pytest.fixture
+def folder(fixture_folder, tmp_path):
+    root = tmp_path / "spa_vl"
+    shutil.copytree(fixture_folder, root)
+    return root
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with HubServer({}, token=TOKEN) as server:
+        hub_env(monkeypatch, server, tmp_path / "hf_home")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)  # after hub_env, which clears it
+        yield server
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.relative_to(root).as_posix().startswith(".spa_vl/")}
+
+
+def _writes(hub) -> list[tuple[str, str]]:
+    return [(m, p) for m, p in hub.requests if m in ("POST", "PUT", "DELETE") and "paths-info" not in p]
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(hub, folder, capsys):
+    before = _files(folder)
+    plan = publish(folder, REPO, dry_run=True, backoff=0)
+    assert isinstance(plan, Plan) and plan.repo_exists is False and plan.tag == "v0.1.0"
+    err = capsys.readouterr().err
+    assert "create repo: yes (private, gated)" in err and "commit message: 'Release v0.1.0'" in err
+    assert "tag: v0.1.0" in err and "+ data/malicious_use/train-00000-of-00001.parquet" in err
+    assert len(plan.upload) == len(plan.files) == len(before)  # every file, the card's plots included
+    assert _writes(hub) == [] and _files(folder) == before
+
+
+def test_publish_tag_pull_load_round_trip(hub, folder, tmp_path):
+    result = publish(folder, REPO, backoff=0)
+    assert result.created_repo and not result.resumed and result.tag == "v0.1.0"
+    assert hub.repo_settings(REPO) == {"private": True, "gated": "auto"}  # private and gated by default
+    commits = hub.commits(REPO)
+    release = [c for c in commits if c["title"] == "Release v0.1.0"]
+    assert len(release) == 1 and release[0]["id"] == result.commit == commits[0]["id"]
+    assert hub.tags(REPO) == {"v0.1.0": result.commit}
+    # few API calls: one preupload, one LFS batch, one PUT per binary file, one commit, one tag
+    writes = _writes(hub)
+    kinds = [p.split("/")[-2] if "/api/" in p else p.rsplit("/", 1)[-1] for _, p in writes]
+    assert sum("/preupload/" in p for _, p in writes) == 1 and sum(p.endswith("/objects/batch") for _, p in writes) == 1
+    assert sum("/commit/" in p for _, p in writes) == 1 and sum("/tag/" in p for _, p in writes) == 1
+    uploads = [p for m, p in writes if m == "PUT" and not p.endswith("/settings")]
+    assert len(uploads) == hub.uploads <= len(result_files := _files(folder)), kinds
+    assert len(writes) <= hub.uploads * 2 + 8, kinds  # uploads (+ verify) and a handful of calls
+    assert len(result_files) == result.files
+
+    out = tmp_path / "pulled"
+    pulled = pull(REPO, out, revision="v0.1.0")
+    assert pulled.version == "0.1.0"
+    assert _files(out) == _files(folder)  # .spa_vl/ (local history) is not published
+    assert not (out / ".spa_vl").exists() and not (out / ".cache").exists()
+
+    from datasets import load_dataset
+
+    ds = load_dataset(REPO, "malicious_use", revision="v0.1.0", cache_dir=str(tmp_path / "ds"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    want = {s: sum(e["rows"] for p, e in manifest["files"].items() if p.startswith(f"data/malicious_use/{s}-"))
+            for s in ("train", "validation")}
+    assert {s: ds[s].num_rows for s in ds} == want
+    # the card's examples name the repo and the version
+    assert 'load_dataset("org/SPA-VL", "malicious_use", revision="v0.1.0")' in (out / "README.md").read_text()
+
+
+def test_second_publish_of_the_same_version_is_refused(hub, folder):
+    first = publish(folder, REPO, backoff=0)
+    n = len(hub.commits(REPO))
+    with pytest.raises(PublishRefused, match="already has tag v0.1.0"):
+        publish(folder, REPO, backoff=0)
+    assert len(hub.commits(REPO)) == n and hub.tags(REPO) == {"v0.1.0": first.commit}
+
+
+def test_faulted_publish_is_retried_to_exactly_one_commit_and_one_tag(hub, folder):
+    hub.drop_next_upload()
+    hub.fail_next_commit(500)
+    hub.fail_next_tag(503)
+    result = publish(folder, REPO, backoff=0)
+    release = [c for c in hub.commits(REPO) if c["title"] == "Release v0.1.0"]
+    assert len(release) == 1 and hub.tags(REPO) == {"v0.1.0": release[0]["id"]} and result.attempts >= 2
+
+
+@pytest.mark.parametrize("status", [500, None], ids=["500", "dropped"])
+def test_a_commit_that_landed_behind_an_error_is_not_made_twice(hub, folder, status):
+    hub.fail_after_next_commit(status)  # the server applies the commit; the client sees a 500 or a dropped connection
+    result = publish(folder, REPO, backoff=0)
+    release = [c for c in hub.commits(REPO) if c["title"] == "Release v0.1.0"]
+    assert len(release) == 1 and result.commit == release[0]["id"]
+    assert hub.tags(REPO) == {"v0.1.0": result.commit}
+
+
+def test_rerun_after_a_crash_between_commit_and_tag_only_adds_the_tag(hub, folder):
+    hub.fail_next_tag(500)
+    with pytest.raises(Exception):
+        publish(folder, REPO, backoff=0, retries=0)  # the "crash": the tag never made it
+    assert hub.tags(REPO) == {} and len([c for c in hub.commits(REPO) if c["title"] == "Release v0.1.0"]) == 1
+    result = publish(folder, REPO, backoff=0)
+    assert result.resumed and result.uploaded == 0
+    release = [c for c in hub.commits(REPO) if c["title"] == "Release v0.1.0"]
+    assert len(release) == 1 and hub.tags(REPO) == {"v0.1.0": release[0]["id"]}
+
+
+def test_next_version_is_one_more_commit_and_old_tags_stay(hub, folder, tmp_path):
+    from builder.fixture import write_fixture
+
+    v1 = publish(folder, REPO, backoff=0)
+    v1_files = set(_files(folder))
+    write_fixture(folder, rows_per_domain=12, eval_rows=10, seed=0, progress=False, overwrite=True)
+    r = bump(folder, "minor")
+    assert r.previous_version == "0.1.0" and r.removed > 0  # the publish recorded v0.1.0's row ids
+    v2 = publish(folder, REPO, backoff=0)
+    gone = v1_files - set(_files(folder))  # shards of splits that lost every row
+    assert v2.tag == "v0.2.0" and v2.deleted == len(gone) and 0 < v2.uploaded < v2.files
+    assert hub.tags(REPO) == {"v0.1.0": v1.commit, "v0.2.0": v2.commit}
+    assert [c["title"] for c in hub.commits(REPO)][:2] == ["Release v0.2.0", "Release v0.1.0"]
+    old = pull(REPO, tmp_path / "old", revision="v0.1.0")
+    assert old.version == "0.1.0" and not (tmp_path / "old" / "CHANGELOG.md").exists()
+    new = pull(REPO, tmp_path / "new", revision="v0.2.0")
+    assert new.version == "0.2.0" and "## 0.2.0" in (tmp_path / "new" / "CHANGELOG.md").read_text()
+
+
+def test_an_invalid_folder_is_refused_before_any_write(hub, folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    first = sorted(manifest["files"])[0]
+    manifest["files"][first]["rows"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PublishRefused, match="validation failed"):
+        publish(folder, REPO, backoff=0)
+    assert _writes(hub) == []
+
+
+def test_no_token_is_a_usage_error(hub, folder, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(DataError, match="no Hugging Face token"):
+        publish(folder, REPO, backoff=0)
+    assert _writes(hub) == []
+
+
+def test_pull_refuses_files_that_do_not_match_the_manifest(folder, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    shard = next((bad / "data" / "malicious_use").glob("train-*"))
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with HubServer({"org/bad": {"main": bad}}) as server:
+        hub_env(monkeypatch, server, tmp_path / "hf_home")
+        with pytest.raises(DataError, match="sha256 differs"):
+            pull("org/bad", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="sha256 differs"):
+        verify_manifest(bad)
+
+
+def test_cli_publish_and_pull_never_show_or_write_the_token(hub, folder, tmp_path):
+    env = {**os.environ, "HF_TOKEN": TOKEN}
+    dry = subprocess.run([SPA_VL, "publish", str(folder), REPO, "--dry_run"], capture_output=True, text=True, env=env, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    proc = subprocess.run([SPA_VL, "publish", str(folder), REPO], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"published {REPO} v0.1.0: ")
+    again = subprocess.run([SPA_VL, "publish", str(folder), REPO], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1 and "refused" in again.stderr
+    got = subprocess.run([SPA_VL, "pull", REPO, str(tmp_path / "copy"), "--revision", "v0.1.0"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert got.returncode == 0 and "manifest checksums verified" in got.stdout
+    noauth = {k: v for k, v in env.items() if k != "HF_TOKEN"}
+    none = subprocess.run([SPA_VL, "publish", str(folder), "org/other"], capture_output=True, text=True, env=noauth, timeout=300)
+    assert none.returncode == 2 and "no Hugging Face token" in none.stderr
+
+    for p in (dry, proc, again, got, none):
+        assert TOKEN not in p.stdout + p.stderr
+    for root in (folder, tmp_path / "copy"):
+        for f in root.rglob("*"):
+            if f.is_file():
+                assert TOKEN.encode() not in f.read_bytes(), f
