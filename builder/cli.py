@@ -30,6 +30,8 @@ class CLI:
       spa-vl version out/spa_vl_v2 --bump minor
       spa-vl publish out/spa_vl_v2 my-org/SPA-VL --dry_run
       spa-vl pull my-org/SPA-VL copy --revision v0.2.0
+      spa-vl train dpo --config training/configs/llava-1.5-7b-lora.yaml --dataset out/spa_vl
+      spa-vl evaluate runs/dpo out/spa_vl --judge training/configs/judge.yaml --out runs/eval
       spa-vl demo demo_out
     """
 
@@ -249,6 +251,10 @@ class CLI:
         from builder.versioning import bump as do_bump
 
         r = do_bump(dir, bump, previous=previous)
+        if r.finished_interrupted:
+            print(f"version: an earlier bump to {r.version} had crashed after writing the manifest; it is finished now "
+                  f"(row ids recorded, card rendered). Run again to bump further.")
+            return
         print(f"version: {r.previous_version or '(none recorded)'} -> {r.version}: +{r.added:,} / -{r.removed:,} rows "
               f"(baseline: {r.baseline}); CHANGELOG.md, manifest.json and README.md updated")
 
@@ -283,8 +289,11 @@ class CLI:
         except PublishRefused as e:
             print(f"spa-vl publish: refused: {e}", file=sys.stderr)
             sys.exit(1)
-        if not dry_run:
-            print(result.summary_line())
+        if dry_run:
+            if result.refusal:
+                sys.exit(1)  # the plan says the real publish would refuse
+            return
+        print(result.summary_line())
 
     def pull(self, repo_id: str, out: str, revision: str | None = None, overwrite: bool = False):
         """Download a published version and verify every file against its manifest.json checksums.
@@ -299,9 +308,81 @@ class CLI:
           revision: a tag such as v0.2.0, a branch or a commit (default: main).
           overwrite: replace an existing folder.
         """
-        from builder.hub import pull
+        from builder.hub import VerifyFailed, pull
 
-        print(pull(repo_id, out, revision=revision, overwrite=overwrite).summary_line())
+        try:
+            print(pull(repo_id, out, revision=revision, overwrite=overwrite).summary_line())
+        except VerifyFailed as e:
+            print(f"spa-vl pull: verification failed, nothing written to {out}: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    def train(self, kind: str, config: str | None = None, model: str | None = None, dataset: str | None = None,
+              config_name: str | None = None, max_steps: int | None = None, output_dir: str | None = None,
+              **overrides):
+        """Train on SPA-VL: dpo (trl DPOTrainer), rm (reward model) or ppo (our PPO, value model from the RM).
+
+        The YAML holds the run's settings with the paper's values as defaults; any setting can be
+        overridden as --key value. Vision tower frozen, projector trained; `lora:` in the YAML trains
+        LoRA adapters on every linear layer of the language model instead of the whole model.
+        Several GPUs: accelerate launch -m builder.cli train dpo --config ...
+
+        Example:
+          spa-vl train dpo --config training/configs/llava-1.5-7b-lora.yaml --dataset out/spa_vl --config_name malicious_use
+          spa-vl train rm --config training/configs/llava-1.5-7b-rm.yaml --dataset out/spa_vl --output_dir runs/rm
+          spa-vl train ppo --config training/configs/llava-1.5-7b-ppo-lora.yaml --reward_model runs/rm --max_steps 100
+
+        Args:
+          kind: dpo, rm or ppo.
+          config: a YAML file (or the name of one in training/configs/, e.g. llava-1.5-7b-lora).
+          model: a Hub id or local folder of an image-text-to-text model.
+          dataset: a spa-vl dataset folder or Hub repo id.
+          config_name: a harm domain (e.g. malicious_use) or default (all domains).
+          max_steps: stop after this many optimizer steps (PPO: iterations); -1 for whole epochs.
+          output_dir: where the model, processor and spa_vl_train.json are written.
+          overrides: any other setting of the YAML, e.g. --learning_rate 1e-5 --beta 0.2.
+        """
+        from training.config import KINDS, load_config
+
+        if kind not in KINDS:
+            raise DataError(f"unknown trainer {kind!r}; expected one of {', '.join(KINDS)}", field="kind")
+        cfg = load_config(config, kind, model=model, dataset=dataset, config_name=config_name, max_steps=max_steps,
+                          output_dir=output_dir, **overrides)
+        if kind == "dpo":
+            from training.dpo import train_dpo as run
+        elif kind == "rm":
+            from training.reward import train_rm as run
+        else:
+            from training.ppo import train_ppo as run
+        print(run(cfg).line())
+
+    def evaluate(self, model: str, dataset: str, judge: str, out: str, reference: str | None = None,
+                 batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, progress: bool = True):
+        """Score a model on HarmEval (test/harm: unsafe-response rate, harm score) and HelpEval (test/help: win rate).
+
+        Answers are generated in batches and saved as they come (a re-run resumes); the judge is any
+        OpenAI-compatible endpoint (or a local classifier) from JUDGE.yaml, its calls cached. Writes
+        OUT/metrics.json, OUT/metrics.md and OUT/metrics_by_category.png.
+
+        Example:
+          spa-vl evaluate runs/dpo out/spa_vl --judge training/configs/judge.yaml --out runs/eval
+          spa-vl evaluate llava-hf/llava-1.5-7b-hf my-org/SPA-VL --judge judge.yaml --out runs/base --reference answers.jsonl
+
+        Args:
+          model: a Hub id, local model folder or LoRA adapter folder.
+          dataset: a spa-vl dataset folder or Hub repo id (its `test` config is used).
+          judge: the judge YAML (models, harm_judge, help_judge, reference).
+          out: the output folder.
+          reference: the HelpEval reference: a model (its answers are generated) or a .jsonl of {id, answer}.
+          batch_size: generation batch size.
+          max_new_tokens: longest answer generated.
+          limit: evaluate the first N questions of each split only.
+          progress: show progress bars.
+        """
+        from training.evaluate import evaluate, summary_line
+
+        metrics = evaluate(model, dataset, judge, out, reference=reference, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+        print(summary_line(metrics))
 
     def demo(self, out: str = "demo_out"):
         """Run the project end to end offline: fixture -> import -> dataset folder -> load every config.
@@ -314,12 +395,37 @@ class CLI:
         run_demo(Path(out))
 
 
+def _hub_failure(e: BaseException) -> str | None:
+    """A one-line message for errors of the Hub or the network, None for anything else (a bug: traceback)."""
+    from builder.hub import HubUnreachable
+
+    if isinstance(e, HubUnreachable):
+        return f"Hub unreachable: {e}"
+    try:
+        import httpx2
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(e, HfHubHTTPError):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"Hub error: {type(e).__name__}: {first}"
+    if isinstance(e, (httpx2.TransportError, OfflineModeIsEnabled)):
+        return f"Hub unreachable: {type(e).__name__}: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         fire.Fire(CLI, command=argv, name="spa-vl")
     except DataError as e:
         print(f"spa-vl: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # Hub answers and network failures: one line, exit 1 (the job failed)
+        message = _hub_failure(e)
+        if message is None:
+            raise
+        print(f"spa-vl: {message}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
 

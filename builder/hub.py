@@ -16,7 +16,9 @@ to ``HfApi`` and never printed, logged or written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import random
 import shutil
 import sys
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import DataError
-from builder.folder import CHANGELOG, read_manifest, swap_into_place
+from builder.folder import CHANGELOG, parse_version, read_manifest, swap_into_place
 from builder.shards import file_sha256
 
 REPO_TYPE = "dataset"
@@ -58,7 +60,10 @@ class Plan:
     repo_exists: bool | None = None  # None: could not be checked (no access)
     head: str | None = None  # main's commit before this publish
     tag_commit: str | None = None  # where the tag already points, if it exists
+    tags: dict[str, str] = field(default_factory=dict)  # every tag of the repo → commit
+    remote: dict = field(default_factory=dict)  # main's files: path → RepoFile
     note: str = ""
+    refusal: str | None = None  # dry run: why the real publish would refuse
 
     @property
     def commit_message(self) -> str:
@@ -79,7 +84,9 @@ class Plan:
         elif self.repo_exists is None:
             lines.append(f"  repo: could not be read ({self.note}); it would be created if missing")
         else:
-            lines.append(f"  repo: exists, main at {self.head[:12] if self.head else '(empty)'}")
+            versions = sorted((t for t in self.tags if t.startswith("v")), key=lambda t: t)
+            lines.append(f"  repo: exists, main at {self.head[:12] if self.head else '(empty)'}; "
+                         f"version tags: {', '.join(versions) or 'none'}")
         lines.append(f"  files: {len(self.files)} ({_mb(self.bytes_total)}); to upload: {len(self.upload)} ({_mb(self.bytes_upload)}); "
                      f"to delete: {len(self.delete)}")
         for f in self.upload:
@@ -143,6 +150,28 @@ def git_blob_oid(path: Path) -> str:
 
 
 # --- publish ---------------------------------------------------------------------------------------
+class HubUnreachable(Exception):
+    """The Hub could not be read after retries (network, timeouts, 5xx): exit code 1."""
+
+
+@contextlib.contextmanager
+def hub_timeouts(connect: float = 10.0, read: float = 120.0):
+    """huggingface_hub's HTTP client has no timeout by default; give every call one while we run."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    def factory():
+        client = _http.default_client_factory()
+        client.timeout = httpx2.Timeout(read, connect=connect)
+        return client
+
+    _http.set_client_factory(factory)
+    try:
+        yield
+    finally:
+        _http.set_client_factory(_http.default_client_factory)
+
+
 def publish(
     root: str | Path,
     repo_id: str,
@@ -156,17 +185,24 @@ def publish(
     full_decode: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> PublishResult | Plan:
-    """Publish ``root`` to ``repo_id``; returns the plan on ``dry_run``. See the module docstring."""
+    """Publish ``root`` to ``repo_id``; returns the plan on ``dry_run``. See the module docstring.
+
+    Order: every check that can refuse runs before anything is written, locally or on the Hub:
+    repo id, manifest version, token, ``validate``, the repo's tags (the version must be new and above
+    every published one). Then the card is re-rendered for the repo, the repo created (private and
+    gated by default) and the version committed and tagged.
+    """
     from huggingface_hub import HfApi, get_token
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.monotonic()
     root = Path(root)
     _check_repo_id(repo_id)
-    if not dry_run:
-        from dataset_card.card import render_folder_card
-
-        render_folder_card(root, repo_id=repo_id)  # the card's load examples name this repo and version
+    manifest = read_manifest(root)
+    version = ".".join(map(str, parse_version(manifest.get("version", ""))))
+    token = token or get_token()
+    if token is None and not dry_run:
+        raise DataError("no Hugging Face token: set HF_TOKEN or run `hf auth login`", field="token")
 
     from builder.validate import validate
 
@@ -174,32 +210,47 @@ def publish(
     if not report.ok and not dry_run:
         raise PublishRefused(f"validation failed; fix the folder before publishing:\n{report.format_table()}")
 
-    token = token or get_token()
-    if token is None and not dry_run:
-        raise DataError("no Hugging Face token: set HF_TOKEN or run `hf auth login`", field="token")
-    api = HfApi(token=token)
-    manifest = read_manifest(root)
-    version = str(manifest["version"])
-    plan = _plan(api, root, repo_id, version)
-    if dry_run:
-        if not report.ok:
-            plan.note = (plan.note + "; " if plan.note else "") + "validation FAILS: publish would refuse"
-        log(plan.describe(private=private, gated=gated) + ("\n  validation: passes" if report.ok else f"\n{report.format_table()}"))
-        return plan
-    if plan.tag_commit is not None:
-        raise PublishRefused(f"{repo_id} already has tag {plan.tag} (commit {plan.tag_commit[:12]}); a published version "
-                             "never changes: bump it with `spa-vl version DIR --bump patch|minor|major`")
+    with hub_timeouts():
+        api = HfApi(token=token)
+        plan = Plan(repo_id, version, f"v{version}", publishable_files(root))
+        try:
+            _retry(lambda: _read_remote(api, plan), retries, backoff, log, "read the repo")
+        except Exception as e:  # noqa: BLE001 - in a dry run, say what could not be read
+            if not dry_run:
+                raise HubUnreachable(f"cannot read {repo_id} on the Hub: {_short(e)}") from e
+            plan.repo_exists, plan.note = None, _short(e)
+        _diff(plan)
+        refusal = _refusal(plan)
+        if dry_run:
+            extra = []
+            if not report.ok:
+                extra.append("validation FAILS: publish would refuse\n" + report.format_table())
+            if refusal:
+                extra.append(f"publish would refuse: {refusal}")
+            extra.append("README.md and manifest.json are re-rendered for this repo before the upload "
+                         "(the load examples name it), so their sizes may differ by a few bytes")
+            log(plan.describe(private=private, gated=gated) + "\n  " + "\n  ".join(extra))
+            plan.refusal = refusal or ("validation fails" if not report.ok else None)
+            return plan
+        if refusal:
+            raise PublishRefused(refusal)
 
-    created = False
-    if not plan.repo_exists:
-        _retry(lambda: api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True), retries, backoff, log, "create repo")
+        from dataset_card.card import render_folder_card
+
+        render_folder_card(root, repo_id=repo_id)  # the card's load examples name this repo and version
+        plan.files = publishable_files(root)
+        _diff(plan)
+
+        created = False
+        if not plan.repo_exists:
+            created = _create_repo(api, repo_id, private, retries, backoff, log)
+            _retry(lambda: _read_remote(api, plan), retries, backoff, log, "read the repo")
+            _diff(plan)
         if gated:
-            _retry(lambda: api.update_repo_settings(repo_id, repo_type=REPO_TYPE, gated="auto"), retries, backoff, log, "gate repo")
-        created = True
-        plan = _plan(api, root, repo_id, version)
+            _ensure_gated(api, plan, created, retries, backoff, log)
 
-    commit, attempts, resumed = _commit_version(api, root, plan, retries, backoff, log)
-    _tag(api, repo_id, plan.tag, commit, retries, backoff, log)
+        commit, attempts, resumed = _commit_version(api, root, plan, retries, backoff, log)
+        _tag(api, repo_id, plan.tag, commit, retries, backoff, log)
 
     from builder.versioning import record_ids
 
@@ -209,32 +260,89 @@ def publish(
                          attempts, time.monotonic() - t0)
 
 
-def _plan(api, root: Path, repo_id: str, version: str) -> Plan:
-    """Compare the folder with the repo: which files to upload or delete, where main and the tag are."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+def _read_remote(api, plan: Plan) -> None:
+    """Fill the plan's view of the repo: exists?, main's head and files, the version tags."""
+    from huggingface_hub.errors import RepositoryNotFoundError
     from huggingface_hub.hf_api import RepoFile
 
-    files = publishable_files(root)
-    plan = Plan(repo_id, version, f"v{version}", files, upload=list(files))
     try:
-        refs = api.list_repo_refs(repo_id, repo_type=REPO_TYPE)
+        refs = api.list_repo_refs(plan.repo_id, repo_type=REPO_TYPE)
     except RepositoryNotFoundError:
-        plan.repo_exists = False
-        return plan
-    except HfHubHTTPError as e:
-        plan.repo_exists, plan.note = None, _short(e)
-        return plan
+        plan.repo_exists, plan.head, plan.tags, plan.remote = False, None, {}, {}
+        return
     plan.repo_exists = True
-    plan.tag_commit = next((t.target_commit for t in refs.tags if t.name == plan.tag), None)
+    plan.tags = {t.name: t.target_commit for t in refs.tags}
+    plan.tag_commit = plan.tags.get(plan.tag)
     plan.head = next((b.target_commit for b in refs.branches if b.name == "main"), None)
-    if plan.head is None:
-        return plan
-    tree = api.list_repo_tree(repo_id, repo_type=REPO_TYPE, revision=plan.head, recursive=True)
-    remote = {e.path: e for e in tree if isinstance(e, RepoFile)}
-    local = {f.path: f for f in files}
-    plan.upload = [f for f in files if not _same(f, remote.get(f.path))]
-    plan.delete = sorted(p for p in remote if p not in local and p not in KEEP_REMOTE)
-    return plan
+    plan.remote = {}
+    if plan.head is not None:
+        tree = api.list_repo_tree(plan.repo_id, repo_type=REPO_TYPE, revision=plan.head, recursive=True)
+        plan.remote = {e.path: e for e in tree if isinstance(e, RepoFile)}
+
+
+def _diff(plan: Plan) -> None:
+    local = {f.path for f in plan.files}
+    plan.upload = [f for f in plan.files if not _same(f, plan.remote.get(f.path))]
+    plan.delete = sorted(p for p in plan.remote if p not in local and p not in KEEP_REMOTE)
+
+
+def _refusal(plan: Plan) -> str | None:
+    """Why this version may not be published, if it may not: its tag exists, or a later version is out."""
+    if plan.tag_commit is not None:
+        return (f"{plan.repo_id} already has tag {plan.tag} (commit {plan.tag_commit[:12]}); a published version never "
+                "changes: bump it with `spa-vl version DIR --bump patch|minor|major`")
+    published = []
+    for name in plan.tags:
+        try:
+            published.append((parse_version(name), name))
+        except DataError:
+            continue  # a tag that is not a version
+    if published and max(published)[0] > parse_version(plan.version):
+        return (f"{plan.repo_id} already has {max(published)[1]}, later than {plan.tag}: publishing would take main back; "
+                "bump the version above it")
+    return None
+
+
+def _create_repo(api, repo_id: str, private: bool, retries: int, backoff: float, log) -> bool:
+    """Create the repo; True if this call created it (False if it appeared meanwhile)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def create() -> bool:
+        try:
+            api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=False)
+            return True
+        except HfHubHTTPError as e:
+            if getattr(e.response, "status_code", None) == 409:
+                return False
+            raise
+
+    created = _retry(create, retries, backoff, log, "create repo")
+    log(f"publish: {'created' if created else 'found'} {repo_id} ({'private' if private else 'public'})")
+    return created
+
+
+def _ensure_gated(api, plan: Plan, created: bool, retries: int, backoff: float, log) -> None:
+    """Gate a repo this publish created, or one that has no version yet (a publish that crashed between
+    creating and gating it). An existing repo with published versions keeps its settings."""
+    info = _retry(lambda: api.dataset_info(plan.repo_id), retries, backoff, log, "read repo settings")
+    if getattr(info, "gated", False):
+        return
+    has_versions = any(_is_version(t) for t in plan.tags)
+    if created or not has_versions:
+        _retry(lambda: api.update_repo_settings(plan.repo_id, repo_type=REPO_TYPE, gated="auto"), retries, backoff,
+               log, "gate repo")
+        log(f"publish: {plan.repo_id} gated (users accept the card's prompt before downloading)")
+    else:
+        log(f"publish: warning: {plan.repo_id} is not gated and already has published versions; its settings are "
+            "left as they are (gate it on the Hub if it should be)")
+
+
+def _is_version(tag: str) -> bool:
+    try:
+        parse_version(tag)
+        return True
+    except DataError:
+        return False
 
 
 def _same(local: LocalFile, remote) -> bool:
@@ -270,27 +378,22 @@ def _commit_version(api, root: Path, plan: Plan, retries: int, backoff: float, l
             if not _transient(e) and not _conflict(e):
                 raise
             if attempt > retries:
-                raise RuntimeError(f"publish: commit failed after {attempt} attempts: {_short(e)}") from e
+                raise HubUnreachable(f"the commit failed {attempt} times: {_short(e)}; re-run `spa-vl publish` to "
+                                     "finish this version (nothing is committed twice)") from e
             log(f"publish: commit attempt {attempt} failed ({_short(e)}); checking main and retrying")
             _sleep(backoff, attempt)
-        fresh = _plan_or_none(api, root, plan)
-        if fresh is None:
-            continue
-        if fresh.tag_commit is not None:
+        try:
+            _read_remote(api, plan)
+        except Exception as e:  # noqa: BLE001
+            if not _transient(e):
+                raise
+            continue  # main unknown: the next attempt's parent_commit check keeps it from landing twice
+        _diff(plan)
+        if plan.tag_commit is not None:
             raise PublishRefused(f"{plan.repo_id} got tag {plan.tag} from elsewhere while publishing")
-        if not fresh.upload and not fresh.delete and fresh.head is not None:
-            log(f"publish: the commit landed despite the error (main at {fresh.head[:12]}); not committing again")
-            return fresh.head, attempt, False
-        plan = fresh
-
-
-def _plan_or_none(api, root: Path, plan: Plan) -> Plan | None:
-    try:
-        return _plan(api, root, plan.repo_id, plan.version)
-    except Exception as e:  # noqa: BLE001
-        if _transient(e):
-            return None
-        raise
+        if not plan.upload and not plan.delete and plan.head is not None:
+            log(f"publish: the commit landed despite the error (main at {plan.head[:12]}); not committing again")
+            return plan.head, attempt, False
 
 
 def _tag(api, repo_id: str, tag: str, commit: str, retries: int, backoff: float, log) -> None:
@@ -324,18 +427,24 @@ def _retry(fn, retries: int, backoff: float, log, what: str):
 
 
 def _transient(e: BaseException) -> bool:
-    """Worth retrying: 5xx and 429 answers, dropped connections, timeouts, failed LFS uploads."""
-    from huggingface_hub.errors import HfHubHTTPError
+    """Worth retrying: 5xx, 408 and 429 answers, dropped connections and timeouts (also when wrapped, as
+    huggingface_hub wraps a failed LFS upload in a RuntimeError). Offline mode and bad URLs are not."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, OfflineModeIsEnabled):
+            return False
         if isinstance(e, HfHubHTTPError):
             status = getattr(e.response, "status_code", None)
             return status is None or status >= 500 or status in (408, 429)
-        if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(("httpx", "httpcore", "h11")):
+        if isinstance(e, httpx2.UnsupportedProtocol):
+            return False
+        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__
     return False
 
 
@@ -360,7 +469,13 @@ def _mb(n: int) -> str:
 
 
 def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     parts = str(repo_id).split("/")
+    try:
+        validate_repo_id(str(repo_id))
+    except HFValidationError as e:
+        raise DataError(f"not a valid repo id {repo_id!r}: {e}", field="repo_id") from None
     if len(parts) != 2 or not all(parts):
         raise DataError(f"repo id must look like 'namespace/name', not {repo_id!r}", field="repo_id")
 
@@ -381,26 +496,51 @@ class PullResult:
                 f"{self.files} files, {_mb(self.bytes)}, manifest checksums verified, {self.seconds:.1f} s")
 
 
+class VerifyFailed(Exception):
+    """A pulled file does not match manifest.json: exit code 1 (a failed check)."""
+
+
+PULL_MARK = ".spa_vl_pull.json"  # in the partial folder: which repo and revision it holds
+
+
 def pull(repo_id: str, out: str | Path, *, revision: str | None = None, overwrite: bool = False,
          token: str | None = None) -> PullResult:
     """Download a version with ``snapshot_download`` and verify every file against ``manifest.json``.
 
-    Files land in ``.OUT.partial`` first (a re-run resumes there) and are renamed to ``OUT`` only once
-    every checksum matches; a mismatch leaves ``OUT`` untouched and raises.
+    Files land in ``.OUT.partial`` first (a re-run for the same repo and revision resumes there; another
+    one starts afresh) and are renamed to ``OUT`` only once every checksum matches; a mismatch leaves
+    ``OUT`` untouched and raises ``VerifyFailed``. Files that are not part of the dataset folder (the
+    Hub's ``.gitattributes``, leftovers) are not kept.
     """
     from huggingface_hub import snapshot_download
 
     t0 = time.monotonic()
     _check_repo_id(repo_id)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError("output path exists and is not a folder", file=str(out))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DataError("output folder exists and is not empty; pass --overwrite to replace it", file=str(out))
     partial = out.parent / f".{out.name}.partial"
-    snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, local_dir=partial, token=token)
+    mark = {"repo_id": repo_id, "revision": revision}
+    if partial.exists():
+        try:
+            same = json.loads((partial / PULL_MARK).read_text()) == mark
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / PULL_MARK).write_text(json.dumps(mark))
+    with hub_timeouts():
+        snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, local_dir=partial, token=token)
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # snapshot_download's resume metadata
-    for name in KEEP_REMOTE:  # the Hub's own files are not part of the dataset folder
-        (partial / name).unlink(missing_ok=True)
     manifest = verify_manifest(partial)
+    keep = {"README.md", CHANGELOG, "manifest.json", *manifest.get("files", {})}
+    for p in sorted(partial.rglob("*")):
+        rel = p.relative_to(partial).as_posix()
+        if p.is_file() and rel not in keep and not (rel.startswith("assets/") and rel.count("/") == 1):
+            p.unlink()  # .gitattributes, our mark, leftovers of an earlier pull
     sizes = [p.stat().st_size for p in partial.rglob("*") if p.is_file()]
     out.parent.mkdir(parents=True, exist_ok=True)
     swap_into_place(partial, out)
@@ -408,16 +548,15 @@ def pull(repo_id: str, out: str | Path, *, revision: str | None = None, overwrit
 
 
 def verify_manifest(root: str | Path) -> dict:
-    """Every file the manifest lists exists with its sha256 and byte count; a DataError names the first that does not."""
+    """Every file the manifest lists exists with its sha256 and byte count; ``VerifyFailed`` names the first that does not."""
     root = Path(root)
     manifest = read_manifest(root)
     for rel, entry in sorted(manifest.get("files", {}).items()):
         path = root / rel
         if not path.is_file():
-            raise DataError("listed in manifest.json but missing", file=rel)
+            raise VerifyFailed(f"{rel}: listed in manifest.json but missing")
         if path.stat().st_size != entry.get("bytes"):
-            raise DataError(f"{path.stat().st_size:,} bytes, manifest says {entry.get('bytes'):,}", file=rel, field="bytes")
+            raise VerifyFailed(f"{rel}: field bytes: {path.stat().st_size:,} bytes, manifest says {entry.get('bytes'):,}")
         if file_sha256(path) != entry.get("sha256"):
-            raise DataError("sha256 differs from manifest.json", file=rel, field="sha256")
+            raise VerifyFailed(f"{rel}: field sha256: sha256 differs from manifest.json")
     return manifest
-

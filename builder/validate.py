@@ -47,6 +47,7 @@ from builder.folder import (
     TEST_CONFIG,
     UNATTRIBUTED,
     config_data_files,
+    parse_version,
     read_manifest,
 )
 from builder.schema import (
@@ -259,6 +260,12 @@ class _FolderScan:
             check.fail(f"manifest has no {', '.join(missing)}", file="manifest.json", field=missing[0])
         elif manifest["format"] != FORMAT:
             check.fail(f"format {manifest['format']!r} is not {FORMAT!r}", file="manifest.json", field="format")
+        else:
+            try:
+                parse_version(manifest["version"])
+            except DataError:
+                check.fail(f"version {manifest['version']!r} is not a semantic version X.Y.Z (publish tags vX.Y.Z)",
+                           file="manifest.json", field="version")
         built_with = manifest.get("taxonomy")
         if isinstance(built_with, dict) and built_with.get("sha256") not in (None, self.taxonomy.sha256):
             self.report.notes.append(

@@ -27,6 +27,7 @@ from builder.folder import (
     DEFAULT_CONFIG,
     HISTORY_DIR,
     TEST_CONFIG,
+    UNATTRIBUTED,
     parse_version,
     read_manifest,
 )
@@ -52,6 +53,7 @@ class VersionResult:
     baseline: str  # where the previous row ids came from
     changes: dict[tuple[str, str], Change] = field(default_factory=dict)  # (config, split) → change
     entry: str = ""
+    finished_interrupted: bool = False  # this run only finished an earlier bump that crashed
 
     @property
     def added(self) -> int:
@@ -125,6 +127,8 @@ def diff(current: dict[tuple[str, str], set[str]], previous: dict[tuple[str, str
     ``default`` is every preference folder together."""
     out = {}
     for key in sorted(set(current) | set(previous)):
+        if key[0] == UNATTRIBUTED:  # not a config: its rows count in `default` only
+            continue
         now, before = current.get(key, set()), previous.get(key, set())
         out[key] = Change(len(now), len(now - before), len(before - now))
     for split in ("train", "validation"):
@@ -143,6 +147,14 @@ def bump(root: str | Path, part: str, *, previous: str | Path | None = None, tod
     old = str(manifest.get("version", "0.0.0"))
     new = bumped(old, part)
     current = row_ids(root, manifest)
+    if previous is None and _unfinished(root, manifest):
+        # Finish the interrupted bump instead of bumping twice: record its row ids, render its card.
+        record_ids(root, old, current, manifest.get("build_config_hash", ""))
+        if render_card:
+            from dataset_card.card import render_folder_card
+
+            render_folder_card(root)
+        return VersionResult(root, old, None, "finished an interrupted bump", {}, "", finished_interrupted=True)
 
     if previous is not None:
         prev_root = Path(previous)
@@ -162,17 +174,28 @@ def bump(root: str | Path, part: str, *, previous: str | Path | None = None, tod
     result = VersionResult(root, new, prev_version, baseline, changes)
     result.entry = _entry(result, manifest, prev_hash, today or _dt.date.today())
 
-    # History first (row ids, changelog), then the manifest: a crash in between leaves the old version in
-    # the manifest, and the next `version` run redoes the entry.
-    record_ids(root, new, current, manifest.get("build_config_hash", ""))
+    # Changelog, then manifest, then the row ids (the baseline of the next bump) last. A crash before the
+    # manifest is redone by the next run (the entry for the same version is replaced); a crash after it is
+    # finished by the next run (see `_unfinished`).
     _prepend_changelog(root / CHANGELOG, new, result.entry)
     manifest["version"] = new
     from dataset_card.card import manifest_bytes, render_folder_card, write_if_changed
 
     write_if_changed(root / "manifest.json", manifest_bytes(manifest))
+    record_ids(root, new, current, manifest.get("build_config_hash", ""))
     if render_card:
         render_folder_card(root)
     return result
+
+
+def _unfinished(root: Path, manifest: dict) -> bool:
+    """A bump that wrote its changelog entry and the manifest but not the row ids (it crashed there)."""
+    version = str(manifest.get("version"))
+    log = root / CHANGELOG
+    if not log.is_file() or not log.read_text(encoding="utf-8").split("\n## ", 1)[-1].startswith(f"{version} "):
+        return False
+    rec = recorded_ids(root)
+    return rec is None or rec[0] != version
 
 
 def _entry(result: VersionResult, manifest: dict, prev_hash: str | None, today: _dt.date) -> str:

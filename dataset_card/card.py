@@ -21,7 +21,7 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from builder.folder import DEFAULT_CONFIG, TEST_CONFIG, config_data_files
+from builder.folder import DEFAULT_CONFIG, TEST_CONFIG, config_data_files, read_manifest
 from builder.taxonomy import Taxonomy
 from dataset_card import plots
 from dataset_card.stats import FolderStats
@@ -243,7 +243,7 @@ def write_if_changed(path: Path, data: bytes) -> bool:
 
 def _set_card_option(root: Path, key: str, value) -> None:
     path = root / "manifest.json"
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(root)
     if manifest.setdefault("card", {}).get(key) != value:
         manifest["card"][key] = value
         write_if_changed(path, manifest_bytes(manifest))

@@ -15,8 +15,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from builder.errors import DataError
 from builder.folder import (
     DEFAULT_CONFIG,
     EVAL_SPLITS,
@@ -118,7 +120,10 @@ class FolderStats:
             agg["rows"] += int(entry.get("rows", 0))
             agg["bytes"] += int(entry.get("bytes", 0))
             agg["num_bytes"] += int(entry.get("num_bytes", 0))
-            stats._count(root / rel, split, images)
+            try:
+                stats._count(root / rel, split, images)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"cannot read the shard: {e}; run `spa-vl validate`", file=rel) from None
         for key, names in images.items():
             stats.images_by_category[key] = len(names)
         return stats
@@ -150,8 +155,8 @@ def shard_key(rel: str) -> tuple[str, str]:
     """``data/<folder>/<split>-0000K-of-0000N.parquet`` → (folder, split)."""
     parts = rel.split("/")
     if len(parts) != 3 or parts[0] != "data" or "-" not in parts[2]:
-        raise ValueError(f"not a shard path of a dataset folder: {rel}")
+        raise DataError("not a shard path of a dataset folder (data/<folder>/<split>-*.parquet)", file=rel)
     split = parts[2].split("-", 1)[0]
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} in shard path {rel}")
+        raise DataError(f"unknown split {split!r} in a shard path", file=rel)
     return parts[1], split

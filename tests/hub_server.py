@@ -291,6 +291,7 @@ class HubServer:
         self._owns_storage = storage is None
         self._lock = threading.RLock()  # guards repos, their refs and commits, tickets, faults and the logs
         self._faults: dict[str, int | str] = {}
+        self._route_faults: dict[str, tuple[int, int]] = {}  # handler name → (status, times left)
         self._tickets: dict[tuple[str, str], int] = {}  # (repo, oid) → size, handed out by the LFS batch endpoint
         self._sequence = itertools.count(1)
         self._httpd: ThreadingHTTPServer | None = None
@@ -361,6 +362,20 @@ class HubServer:
     def fail_next_tag(self, status: int = 500) -> None:
         """The next tag creation answers ``status`` and creates nothing."""
         self._set_fault("tag", status)
+
+    def fail_next(self, route: str, status: int = 503, times: int = 1) -> None:
+        """The next ``times`` requests to a route (a handler name such as ``refs``, ``tree``, ``repo_info``,
+        ``create_repo``, ``settings``) answer ``status`` and do nothing."""
+        with self._lock:
+            self._route_faults[route] = (status, times)
+
+    def _take_route_fault(self, route: str) -> int | None:
+        with self._lock:
+            status, times = self._route_faults.get(route, (None, 0))
+            if not times:
+                return None
+            self._route_faults[route] = (status, times - 1)
+            return status
 
     def _set_fault(self, name: str, value: int | str) -> None:
         with self._lock:
@@ -630,6 +645,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.body = b"" if streamed else b"".join(self._body_blocks())
         try:
             name, repo, args = self._route(method, url.path)
+            failure = self.hub._take_route_fault(name)
+            if failure is not None:
+                raise HubError(failure, None, f"injected failure of {name}")
             if name in self.NEEDS_TOKEN:
                 refusal = self.hub._authorization(self.headers.get("Authorization"))
                 if refusal is not None:

@@ -13,7 +13,14 @@ import pytest
 from hub_server import HubServer, hub_env
 
 from builder.errors import DataError
-from builder.hub import Plan, PublishRefused, publish, pull, verify_manifest
+from builder.hub import (
+    Plan,
+    PublishRefused,
+    VerifyFailed,
+    publish,
+    pull,
+    verify_manifest,
+)
 from builder.versioning import bump
 
 REPO = "org/SPA-VL"
@@ -103,9 +110,14 @@ def test_faulted_publish_is_retried_to_exactly_one_commit_and_one_tag(hub, folde
     hub.drop_next_upload()
     hub.fail_next_commit(500)
     hub.fail_next_tag(503)
+    hub.fail_next("list_refs", 503)  # the first read of the repo, too
     result = publish(folder, REPO, backoff=0)
-    release = [c for c in hub.commits(REPO) if c["title"] == "Release v0.1.0"]
-    assert len(release) == 1 and hub.tags(REPO) == {"v0.1.0": release[0]["id"]} and result.attempts >= 2
+    assert [c["title"] for c in hub.commits(REPO)] == ["Release v0.1.0", "initial commit"]
+    assert hub.tags(REPO) == {"v0.1.0": hub.commits(REPO)[0]["id"]} and result.attempts == 2
+    puts = [r.status for r in hub.log if r.method == "PUT" and "/lfs/" in r.path]
+    assert None in puts and puts.count(200) == hub.uploads  # the dropped upload was sent again
+    commit_posts = [r.status for r in hub.log if r.method == "POST" and "/commit/" in r.path]
+    assert commit_posts == [500, 200]
 
 
 @pytest.mark.parametrize("status", [500, None], ids=["500", "dropped"])
@@ -118,8 +130,10 @@ def test_a_commit_that_landed_behind_an_error_is_not_made_twice(hub, folder, sta
 
 
 def test_rerun_after_a_crash_between_commit_and_tag_only_adds_the_tag(hub, folder):
+    from huggingface_hub.errors import HfHubHTTPError
+
     hub.fail_next_tag(500)
-    with pytest.raises(Exception):
+    with pytest.raises(HfHubHTTPError):
         publish(folder, REPO, backoff=0, retries=0)  # the "crash": the tag never made it
     assert hub.tags(REPO) == {} and len([c for c in hub.commits(REPO) if c["title"] == "Release v0.1.0"]) == 1
     result = publish(folder, REPO, backoff=0)
@@ -173,10 +187,10 @@ def test_pull_refuses_files_that_do_not_match_the_manifest(folder, tmp_path, mon
     shard.write_bytes(bytes(data))
     with HubServer({"org/bad": {"main": bad}}) as server:
         hub_env(monkeypatch, server, tmp_path / "hf_home")
-        with pytest.raises(DataError, match="sha256 differs"):
+        with pytest.raises(VerifyFailed, match="sha256 differs"):
             pull("org/bad", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(DataError, match="sha256 differs"):
+    with pytest.raises(VerifyFailed, match="sha256 differs"):
         verify_manifest(bad)
 
 
@@ -202,3 +216,82 @@ def test_cli_publish_and_pull_never_show_or_write_the_token(hub, folder, tmp_pat
         for f in root.rglob("*"):
             if f.is_file():
                 assert TOKEN.encode() not in f.read_bytes(), f
+
+
+def test_a_landed_commit_with_deletions_is_detected_not_retried(hub, folder):
+    # Deleting files cannot be replayed by the client as a no-op: only comparing main with the folder
+    # after the error keeps the retry from failing or committing twice.
+    from builder.fixture import write_fixture
+
+    publish(folder, REPO, backoff=0)
+    v1_files = set(_files(folder))
+    write_fixture(folder, rows_per_domain=12, eval_rows=10, seed=0, progress=False, overwrite=True)
+    bump(folder, "minor")
+    assert v1_files - set(_files(folder))  # some shards are gone: the commit deletes them
+    hub.fail_after_next_commit(500)
+    result = publish(folder, REPO, backoff=0)
+    assert [c["title"] for c in hub.commits(REPO)][:2] == ["Release v0.2.0", "Release v0.1.0"]
+    posts = [r.status for r in hub.log if r.method == "POST" and "/commit/" in r.path]
+    assert posts == [200, 500]  # v0.1.0, then v0.2.0 applied behind a 500; no third commit request
+    assert hub.tags(REPO)["v0.2.0"] == result.commit == hub.commits(REPO)[0]["id"]
+
+
+def test_transient_errors_reading_the_repo_are_retried(hub, folder):
+    hub.fail_next("list_refs", 503, times=2)
+    hub.fail_next("tree", 502)
+    publish(folder, REPO, backoff=0)
+    assert list(hub.tags(REPO)) == ["v0.1.0"]
+
+
+def test_an_existing_repos_visibility_and_gating_are_left_alone(hub, folder, capsys):
+    from builder.fixture import write_fixture
+
+    publish(folder, REPO, private=False, gated=False, backoff=0)
+    assert hub.repo_settings(REPO) == {"private": False, "gated": False}
+    write_fixture(folder, rows_per_domain=36, eval_rows=10, seed=0, progress=False, overwrite=True)
+    bump(folder, "patch")
+    publish(folder, REPO, backoff=0)  # defaults say private + gated: an existing repo keeps its settings
+    assert hub.repo_settings(REPO) == {"private": False, "gated": False}
+    assert "is not gated and already has published versions" in capsys.readouterr().err
+
+
+def test_a_crash_between_creating_and_gating_is_gated_by_the_rerun(hub, folder):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hub.fail_next("update_settings", 500)
+    with pytest.raises(HfHubHTTPError):
+        publish(folder, REPO, backoff=0, retries=0)
+    assert hub.repo_settings(REPO) == {"private": True, "gated": False} and hub.tags(REPO) == {}
+    publish(folder, REPO, backoff=0)
+    assert hub.repo_settings(REPO) == {"private": True, "gated": "auto"} and list(hub.tags(REPO)) == ["v0.1.0"]
+
+
+def test_dry_run_says_when_the_real_publish_would_refuse(hub, folder, capsys):
+    publish(folder, REPO, backoff=0)
+    capsys.readouterr()
+    plan = publish(folder, REPO, dry_run=True, backoff=0)
+    assert plan.refusal and "already has tag v0.1.0" in plan.refusal
+    assert "publish would refuse" in capsys.readouterr().err
+    assert list(hub.tags(REPO)) == ["v0.1.0"]
+
+
+def test_an_older_version_than_the_published_ones_is_refused(hub, folder, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    bump(folder, "major")
+    publish(folder, REPO, backoff=0)  # v1.0.0
+    n = len(hub.commits(REPO))
+    with pytest.raises(PublishRefused, match="already has v1.0.0, later than v0.1.0"):
+        publish(older, REPO, backoff=0)
+    assert len(hub.commits(REPO)) == n
+
+
+def test_pull_starts_afresh_over_a_partial_folder_of_another_pull(hub, folder, tmp_path):
+    publish(folder, REPO, backoff=0)
+    partial = tmp_path / ".out.partial"
+    (partial / "data" / "malicious_use").mkdir(parents=True)
+    (partial / "data" / "malicious_use" / "train-00001-of-00002.parquet").write_bytes(b"stale")
+    (partial / ".spa_vl_pull.json").write_text(json.dumps({"repo_id": "org/other", "revision": None}))
+    pull(REPO, tmp_path / "out", revision="v0.1.0")
+    assert _files(tmp_path / "out") == _files(folder)
+    assert not partial.exists()

@@ -474,3 +474,12 @@ def test_harm_and_help_may_share_an_image(folder):
     set_cells(folder, "data/test/help-00000-of-00001.parquet", 0, image=image)
     r = validate(folder, load_configs=False, progress=False)
     assert r.ok, r.format_table()
+
+
+def test_manifest_version_must_be_semantic(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["version"] = "abc"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    r = validate(folder, load_configs=False, progress=False)
+    assert failing(r) == {"manifest"}
+    assert first(r, "manifest") == ("manifest.json", None, "version")

@@ -123,3 +123,26 @@ def test_cli_version(tmp_path):
     assert proc.stdout.startswith("version: (none recorded) -> 1.0.0: +40 / -0 rows")
     bad = subprocess.run([SPA_VL, "version", str(root), "--bump", "huge"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "patch, minor, major" in bad.stderr
+
+
+def test_a_bump_that_crashed_after_the_manifest_is_finished_not_repeated(tmp_path, monkeypatch):
+    import builder.versioning as versioning
+
+    root = tmp_path / "ds"
+    write_fixture(root, rows_per_domain=12, eval_rows=4, progress=False)
+    bump(root, "minor", today=DAY)  # 0.2.0, recorded
+    write_fixture(root, rows_per_domain=6, eval_rows=4, progress=False, overwrite=True)
+
+    real = versioning.record_ids
+    monkeypatch.setattr(versioning, "record_ids", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        bump(root, "patch", today=DAY)
+    assert _version(root) == "0.2.1" and recorded_ids(root)[0] == "0.2.0"  # manifest written, ids not
+    monkeypatch.setattr(versioning, "record_ids", real)
+
+    again = bump(root, "patch", today=DAY)
+    assert again.finished_interrupted and again.version == "0.2.1" and _version(root) == "0.2.1"
+    assert recorded_ids(root)[0] == "0.2.1" and recorded_ids(root)[1] == _ids(root)
+    assert (root / "CHANGELOG.md").read_text().count("## 0.2.1 ") == 1
+    nxt = bump(root, "patch", today=DAY)
+    assert nxt.version == "0.2.2" and nxt.previous_version == "0.2.1" and nxt.added == nxt.removed == 0
