@@ -316,7 +316,7 @@ class CLI:
             print(f"spa-vl pull: verification failed, nothing written to {out}: {e}", file=sys.stderr)
             sys.exit(1)
 
-    def train(self, kind: str, config: str | None = None, model: str | None = None, dataset: str | None = None,
+    def train(self, kind: str | None = None, config: str | None = None, model: str | None = None, dataset: str | None = None,
               config_name: str | None = None, max_steps: int | None = None, output_dir: str | None = None,
               **overrides):
         """Train on SPA-VL: dpo (trl DPOTrainer), rm (reward model) or ppo (our PPO, value model from the RM).
@@ -343,6 +343,12 @@ class CLI:
         """
         from training.config import KINDS, load_config
 
+        if kind is None or overrides.pop("help", False) or overrides.pop("h", False):
+            # fire passes --help on to a command that takes --key value overrides: show the help ourselves
+            import inspect
+
+            print("spa-vl train KIND [--config YAML] [--key value ...]\n\n" + inspect.cleandoc(CLI.train.__doc__))
+            return
         if kind not in KINDS:
             raise DataError(f"unknown trainer {kind!r}; expected one of {', '.join(KINDS)}", field="kind")
         cfg = load_config(config, kind, model=model, dataset=dataset, config_name=config_name, max_steps=max_steps,
