@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # (and on PyPI elsewhere); the project's range `torch>=2.4` is then already met and pulls no CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_dataset.py
 	$(BIN)/python bench/bench_validate.py
 	$(BIN)/python bench/bench_generate.py
+
+# On a GPU machine only: DPO on a LLaVA-1.5-7B-shaped model (random weights), ours vs plain trl.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/bench_gpu.py
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache

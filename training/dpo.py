@@ -1,0 +1,291 @@
+"""DPO on SPA-VL with trl's ``DPOTrainer``, in the paper's setup (vision tower frozen, projector trained).
+
+    from training.config import load_config
+    from training.dpo import train_dpo
+    cfg = load_config("training/configs/llava-1.5-7b-lora.yaml", "dpo", dataset="out/spa_vl", output_dir="runs/dpo")
+    result = train_dpo(cfg)       # TrainResult; result.line() is the one-line summary
+
+From the command line (one process, or one per GPU with accelerate; nothing here assumes a single
+process: data are prepared on the main process first, only the main process logs and writes)::
+
+    spa-vl train dpo --config llava-1.5-7b-lora --dataset out/spa_vl --config_name malicious_use --output_dir runs/dpo
+    accelerate launch --num_processes 8 -m builder.cli train dpo --config llava-1.5-7b-lora \\
+        --dataset out/spa_vl --output_dir runs/dpo
+    # full fine-tune of a 7B model: shard it (FSDP or DeepSpeed ZeRO-3 through an accelerate config file)
+    accelerate launch --config_file fsdp.yaml -m builder.cli train dpo --config llava-1.5-7b-full ...
+
+What happens:
+
+1. the split (and the eval split when it exists) is read with ``load_rows`` and mapped to trl's
+   conversational vision format by ``prepare_preferences``; pairs longer than ``max_length`` tokens
+   (image tokens included) are dropped and counted, never truncated (trl gets ``max_length=None``);
+2. the model is loaded with ``load_vlm``; the vision tower is frozen. With ``lora:`` trl wraps the model
+   with our ``lora_config`` (adapters on every linear layer of the language model, the projector trained
+   in full as a module to save) and the reference is the same model with adapters disabled (no copy);
+   without LoRA the language model and projector train in full against a second, frozen copy;
+3. with LoRA under bf16 autocast, the trainable weights held in bf16 (the projector copy) are upcast to
+   float32 master weights: AdamW steps of 2e-5 are below bf16's resolution and would be lost. A full
+   fine-tune keeps the dtype it was loaded in: use ``torch_dtype: float32`` with ``bf16`` autocast
+   (as the shipped llava-1.5-7b-full config does); bf16 weights are warned about;
+4. at the end the model (LoRA: the adapter and the projector; full: the whole model) and the processor
+   are saved into ``output_dir`` with ``spa_vl_train.json`` (resolved config and result).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from builder.errors import DataError
+from training.config import TrainResult
+from training.data import load_rows, prepare_preferences
+from training.models import (
+    apply_training_mode,
+    load_vlm,
+    lora_config,
+    resolve_dtype,
+    trainable_summary,
+)
+
+SUMMARY_FILE = "spa_vl_train.json"
+SECRET_HINTS = ("token", "secret", "password", "api_key")
+
+
+def dpo_args(cfg: dict, *, log=None):
+    """trl's ``DPOConfig`` from our config (bf16 ``auto`` resolved, report_to checked, no truncation)."""
+    import torch
+    from transformers.integrations.integration_utils import (
+        is_tensorboard_available,
+        is_trackio_available,
+    )
+    from trl import DPOConfig
+
+    log = log or _stderr
+    bf16 = cfg["bf16"]
+    if bf16 in ("auto", None):
+        bf16 = bool(not cfg["use_cpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    report_to = cfg["report_to"] or "none"
+    available = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available}
+    if report_to in available and not available[report_to]():
+        log(f"report_to: {report_to} is not installed (pip install {report_to}); not reporting")
+        report_to = "none"
+    return DPOConfig(
+        output_dir=str(cfg["output_dir"]),
+        beta=float(cfg["beta"]),
+        loss_type=cfg["loss_type"],
+        learning_rate=float(cfg["learning_rate"]),
+        lr_scheduler_type=cfg["lr_scheduler_type"],
+        warmup_steps=int(cfg["warmup_steps"]),
+        num_train_epochs=float(cfg["num_train_epochs"]),
+        max_steps=int(cfg["max_steps"]),
+        per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
+        per_device_eval_batch_size=int(cfg["per_device_eval_batch_size"]),
+        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]),
+        max_grad_norm=float(cfg["max_grad_norm"]),
+        weight_decay=float(cfg["weight_decay"]),
+        bf16=bf16,
+        activation_checkpointing=bool(cfg["gradient_checkpointing"]),  # transformers 5's name for it
+        logging_steps=cfg["logging_steps"],
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=2,  # a 7B full checkpoint with optimizer state is ~100 GB: keep the last two
+        eval_strategy="no",  # set to "steps" by train_dpo when there is an eval split
+        eval_steps=cfg["eval_steps"],
+        report_to=report_to,
+        seed=int(cfg["seed"]),
+        use_cpu=bool(cfg["use_cpu"]),
+        max_length=None,  # over-long pairs were dropped by prepare_preferences: trl must not truncate
+        precompute_ref_log_probs=False,  # not supported for vision datasets
+        remove_unused_columns=False,  # keep `images` for the vision collator
+    )
+
+
+def train_dpo(cfg: dict, *, log=None, callbacks=None) -> TrainResult:
+    """Run DPO as ``cfg`` (from ``load_config(path, "dpo", ...)``) says; returns the run's ``TrainResult``.
+
+    ``log`` takes each progress line (default: stderr, main process only); ``callbacks`` are extra
+    ``transformers.TrainerCallback`` objects (the tests use one to look at the trained model)."""
+    import torch
+
+    start = time.perf_counter()
+    args = dpo_args(cfg, log=_main_only(log))  # first: it sets up the (possibly distributed) process state
+    log = _main_only(log, args)
+
+    model, processor = load_vlm(cfg["model"], dtype=cfg["torch_dtype"], use_cpu=cfg["use_cpu"],
+                                attn_implementation=cfg["attn_implementation"])
+    with args.main_process_first(desc="prepare SPA-VL pairs"):  # other ranks then read the datasets cache
+        train_ds, report = prepare_preferences(_rows(cfg, cfg["split"]), processor, max_length=int(cfg["max_length"]),
+                                               log=log)
+        eval_ds = _eval_pairs(cfg, processor, log)
+    ref_model = None
+    if not cfg.get("lora"):
+        # The frozen reference: a second copy (bf16 when training in bf16 mixed precision: forward only).
+        dtype = resolve_dtype(cfg["torch_dtype"], use_cpu=cfg["use_cpu"])
+        ref_dtype = torch.bfloat16 if args.bf16 and dtype == torch.float32 else dtype
+        ref_model, _ = load_vlm(cfg["model"], dtype=ref_dtype, use_cpu=cfg["use_cpu"],
+                                attn_implementation=cfg["attn_implementation"])
+    trainer = make_trainer(cfg, args, model, processor, train_ds, eval_ds, ref_model=ref_model, log=log,
+                           callbacks=callbacks)
+
+    output = trainer.train()
+    metrics = _metrics(trainer.state.log_history, output.training_loss)
+    if eval_ds is not None and "eval_loss" not in metrics:  # the Trainer evaluates at the last step itself
+        metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    trainer.save_model(args.output_dir)  # main process writes; LoRA: adapter + projector; full: the whole model
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(args.output_dir)
+
+    world = args.world_size
+    samples = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    if args.max_steps <= 0:  # whole epochs: the last batch of each may be short
+        samples = min(samples, len(train_ds) * math.ceil(args.num_train_epochs))
+    result = TrainResult(kind="dpo", output_dir=str(args.output_dir), steps=int(trainer.state.global_step),
+                         samples=int(samples), seconds=time.perf_counter() - start, metrics=metrics,
+                         dropped=report.dropped)
+    if trainer.is_world_process_zero():
+        write_summary(Path(args.output_dir), cfg, result, report, processes=world)
+    return result
+
+
+def demo_run(model: str, dataset: str, output_dir: str, *, config_name: str = "default", steps: int = 2,
+             limit: int | None = 32, log=None) -> str:
+    """Two DPO steps (LoRA) of a tiny model on a dataset folder with ``tiny-dpo.yaml``: the one-line summary.
+
+    For ``spa-vl demo``: ``demo_run("demo_out/models/tiny-llava", "demo_out/spa_vl", "demo_out/runs/dpo")``."""
+    from training.config import load_config
+
+    cfg = load_config("tiny-dpo", "dpo", model=str(model), dataset=str(dataset), output_dir=str(output_dir),
+                      config_name=config_name, max_steps=steps, limit=limit)
+    return train_dpo(cfg, log=log or (lambda message: None)).line()
+
+
+def make_trainer(cfg: dict, args, model, processor, train_ds, eval_ds=None, *, ref_model=None, log=None,
+                 callbacks=None):
+    """trl's ``DPOTrainer`` on an already loaded model in our training mode (``train_dpo`` and the GPU bench).
+
+    Freezes the vision tower; with ``cfg["lora"]`` hands trl our ``lora_config`` (trl wraps the model, and
+    the reference is the model with adapters disabled); without it ``ref_model`` (a frozen copy) is the
+    reference (None: trl loads one from the model's ``name_or_path``)."""
+    import torch
+    from transformers.trainer_utils import IntervalStrategy
+    from trl import DPOTrainer
+
+    log = log or _stderr
+    lora = bool(cfg.get("lora"))
+    if eval_ds is not None:
+        args.eval_strategy = IntervalStrategy.STEPS
+    if args.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        log(f"gradient checkpointing: not supported by {type(model).__name__}; off")
+        args.gradient_checkpointing = args.activation_checkpointing = False
+    peft_config = lora_config(model, cfg)
+    model = apply_training_mode(model, {**cfg, "lora": None})  # freeze the vision tower; LoRA is added by trl
+    if not lora:
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
+        dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            log(f"warning: full fine-tune with {dtype} weights: AdamW steps below their resolution are lost; "
+                "set torch_dtype: float32 (bf16 autocast keeps the speed)")
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=processor, peft_config=peft_config, callbacks=callbacks)
+    if lora and (args.bf16 or args.fp16):
+        # Under autocast the few trainable weights (adapters: already fp32 from peft; the projector copy)
+        # become fp32 master weights: a bf16 projector would round 2e-5 steps away.
+        upcast_trainable(trainer.model)
+    log(f"dpo: {'LoRA r=' + str(cfg['lora']['r']) if lora else 'full fine-tune'}, vision tower "
+        f"{'frozen' if lora or cfg.get('freeze_vision_tower', True) else 'trained'}; "  # peft freezes the base
+        f"{trainable_summary(trainer.model)}")
+    return trainer
+
+
+def upcast_trainable(model) -> int:
+    """Trainable parameters held in bf16/fp16 → float32 in place (the optimizer, made later, sees fp32)."""
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
+def write_summary(output_dir: Path, cfg: dict, result: TrainResult, report, *, processes: int = 1) -> Path:
+    """``output_dir/spa_vl_train.json``: the resolved config (nothing secret-looking) and the result."""
+    safe = {k: v for k, v in cfg.items() if not any(h in k.lower() for h in SECRET_HINTS)}
+    payload = {
+        "kind": "dpo",
+        "config": safe,
+        "data": {"rows": report.rows, "kept": report.kept, "dropped": report.dropped, "max_length": report.max_length},
+        "processes": processes,
+        "result": {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 3),
+                   "metrics": result.metrics, "dropped": result.dropped},
+    }
+    path = Path(output_dir) / SUMMARY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def _rows(cfg: dict, split: str):
+    return load_rows(cfg["dataset"], cfg["config_name"], split, revision=cfg["revision"], filters=cfg["filters"],
+                     limit=cfg["limit"])
+
+
+def _eval_pairs(cfg: dict, processor, log):
+    """The eval split as pairs, or None (no eval_split, the config has no such split, or nothing fits)."""
+    split = cfg.get("eval_split")
+    if not split:
+        return None
+    try:
+        rows = _rows(cfg, split)
+    except DataError as e:
+        if "split" not in str(e).lower():
+            raise
+        log(f"eval: config {cfg['config_name']!r} has no {split!r} split; training without evaluation")
+        return None
+    if len(rows) == 0:
+        log(f"eval: the {split!r} split is empty (after filters); training without evaluation")
+        return None
+    try:
+        pairs, _ = prepare_preferences(rows, processor, max_length=int(cfg["max_length"]),
+                                       log=lambda m: log(f"eval {m}"))
+    except DataError as e:
+        log(f"eval: {e}; training without evaluation")
+        return None
+    return pairs
+
+
+def _metrics(history: list[dict], training_loss: float | None) -> dict:
+    """First and last logged train loss, and the last reward accuracy / margin trl logged."""
+    steps = [h for h in history if "loss" in h and "eval_loss" not in h]
+    out = {}
+    if steps:
+        out["loss_first"] = float(steps[0]["loss"])
+        out["loss"] = float(steps[-1]["loss"])
+    elif training_loss is not None:
+        out["loss"] = float(training_loss)
+    for key in ("rewards/accuracies", "rewards/margins"):
+        found = [h[key] for h in history if key in h and "eval_loss" not in h]
+        if found:
+            out[key] = float(found[-1])
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals:
+        out["eval_loss"] = float(evals[-1])
+    return out
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _main_only(log, args=None):
+    """``log`` (default: stderr) on the main process only (before ``args`` exist: rank 0 of the launcher)."""
+    log = log or _stderr
+    main = os.environ.get("RANK", "0") == "0" if args is None else args.process_index == 0
+    return log if main else (lambda message: None)
+
