@@ -5,7 +5,8 @@
 2. the generation pipeline on `builder/configs/local.yaml` (typography images, a tiny random-weight
    LLaVA in-process for every role) -> `build` -> `load_dataset` of one domain config;
 3. the maintainer's checks on the generated folder: `validate` (every check) and `version --bump minor`
-   (changelog entry, card re-rendered); `publish` needs a Hub and is not run offline.
+   (changelog entry, card re-rendered); `publish` needs a Hub and is not run offline;
+4. two DPO steps (trl DPOTrainer, LoRA, vision tower frozen) of the tiny LLaVA on the imported folder.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ def run_demo(out: Path, *, rows_per_domain: int = 60, eval_rows: int = 12) -> di
     shutil.rmtree(cache, ignore_errors=True)
     tax = Taxonomy.load()
 
-    print(f"[1/6] synthetic fixture in the upstream layout -> {upstream}")
+    print(f"[1/7] synthetic fixture in the upstream layout -> {upstream}")
     write_fixture(upstream, rows_per_domain=rows_per_domain, eval_rows=eval_rows, layout="upstream", overwrite=True)
-    print(f"[2/6] import_upstream -> {root}")
+    print(f"[2/7] import_upstream -> {root}")
     print("      " + import_upstream(upstream, root, overwrite=True).line())
 
-    print("[3/6] load_dataset(folder, config) for every config")
+    print("[3/7] load_dataset(folder, config) for every config")
     disable_progress_bar()
     loaded: dict[str, dict[str, int]] = {}
     for config in ["default", *tax.slugs, "test"]:
@@ -53,6 +54,11 @@ def run_demo(out: Path, *, rows_per_domain: int = 60, eval_rows: int = 12) -> di
           f"question {sample['question'][:60]!r}...")
     generated = run_pipeline_demo(out, cache)
     check_and_version(out / "generated")
+    print(f"[7/7] spa-vl train dpo --config tiny-dpo --model {out / 'models' / 'tiny-llava'} --dataset {root} "
+          f"--max_steps 2 --output_dir {out / 'runs' / 'dpo'}")
+    from training.dpo import demo_run
+
+    print("      " + demo_run(out / "models" / "tiny-llava", root, out / "runs" / "dpo"))
     manifest = read_manifest(root)
     total = sum(f["rows"] for f in manifest["files"].values())
     print(f"\ndemo: imported {total:,} rows in {len(loaded)} configs ({len(manifest['files'])} shards, version "
@@ -65,7 +71,7 @@ def check_and_version(folder: Path) -> None:
     from builder.validate import validate
     from builder.versioning import bump
 
-    print(f"[6/6] spa-vl validate {folder} && spa-vl version {folder} --bump minor")
+    print(f"[6/7] spa-vl validate {folder} && spa-vl version {folder} --bump minor")
     report = validate(folder, progress=False)
     print("      " + report.format_table().splitlines()[-1])
     if not report.ok:
@@ -85,14 +91,14 @@ def run_pipeline_demo(out: Path, cache: Path, *, limit: int = 12) -> int:
     from builder.pipeline import generate, summary_line
     from builder.tiny_vlm import build_tiny_llava
 
-    print(f"\n[4/6] spa-vl generate {out / 'local.yaml'} --run_dir {out / 'run'} --limit {limit}   "
+    print(f"\n[4/7] spa-vl generate {out / 'local.yaml'} --run_dir {out / 'run'} --limit {limit}   "
           "(typography images, a tiny random-weight LLaVA for every role: gibberish text, real pipeline)")
     build_tiny_llava(out / "models" / "tiny-llava", seed=0, overwrite=True)
     build_tiny_llava(out / "models" / "tiny-llava-b", seed=1, overwrite=True)
     shutil.copy(SHIPPED / "local.yaml", out / "local.yaml")
     shutil.rmtree(out / "run", ignore_errors=True)
     print("      " + summary_line(generate(out / "local.yaml", out / "run", limit=limit)))
-    print(f"[5/6] spa-vl build {out / 'run'} {out / 'generated'}")
+    print(f"[5/7] spa-vl build {out / 'run'} {out / 'generated'}")
     summary = build(out / "run", out / "generated", overwrite=True, progress=False)
     ds = load_dataset(str(out / "generated"), "malicious_use", cache_dir=str(cache))
     row = next(iter(ds.values()))[0]  # train or validation: an image's split comes from its hash

@@ -100,6 +100,8 @@ def test_demo_runs_end_to_end(tmp_path):
     generated = tmp_path / "demo" / "generated"
     assert json.loads((generated / "manifest.json").read_text())["version"] == "0.2.0"
     assert "## 0.2.0" in (generated / "CHANGELOG.md").read_text()
+    # and it ends with two DPO steps of the tiny model
+    assert "train dpo: 2 steps" in proc.stdout and (tmp_path / "demo" / "runs" / "dpo" / "adapter_config.json").exists()
 
 
 def test_generate_exits_1_when_units_failed_and_2_on_a_bad_config(tmp_path):
