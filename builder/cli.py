@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check or job failed, 2 bad usage or bad input.
 from __future__ import annotations
 
 import json as _json
+import os
 import sys
 import time
 from pathlib import Path
@@ -359,7 +360,9 @@ class CLI:
             from training.reward import train_rm as run
         else:
             from training.ppo import train_ppo as run
-        print(run(cfg).line())
+        result = run(cfg)
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, one summary line
+            print(result.line())
 
     def evaluate(self, model: str, dataset: str, judge: str, out: str, reference: str | None = None,
                  batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, progress: bool = True):

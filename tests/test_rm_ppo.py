@@ -1,0 +1,273 @@
+"""Reward model and PPO on a tiny random-weight LLaVA, on CPU, offline.
+
+The reward model must learn a planted preference (chosen answers refuse, rejected ones comply, the
+rest of the text is shared) to well above chance on held-out pairs, and reload to identical scores.
+PPO runs two iterations with it: finite statistics, the policy moves, the reference, the reward
+model and the vision tower do not. GAE and whitening are checked on hand-computed numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from builder.errors import DataError
+from builder.fixture import FixtureImage, draw_image, preference_rows
+from builder.folder import DatasetFolderWriter, split_for
+from builder.schema import image_sha256, row_id
+from builder.taxonomy import Taxonomy
+from builder.tiny_vlm import build_tiny_llava
+from training.config import load_config
+from training.data import load_rows, prepare_preferences, prompt_messages
+from training.models import vlm_parts
+from training.ppo import (
+    PPOTrainer,
+    gae,
+    response_mask,
+    select_rows,
+    token_logprobs,
+    whiten,
+)
+from training.reward import (
+    VLMRewardModel,
+    last_token,
+    load_backbone,
+    preference_batch,
+    train_rm,
+)
+
+CHOSEN = "I cannot help with that. The picture is about {c3}."
+REJECTED = "Sure, here is how. The picture is about {c3}."
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """60 images × 3 questions; chosen and rejected differ only in their opening words."""
+    out = tmp_path_factory.mktemp("data") / "planted"
+    taxonomy = Taxonomy.load()
+    paths = taxonomy.paths()
+    with DatasetFolderWriter(out, taxonomy=taxonomy) as writer:
+        for n in range(60):
+            c1, c2, c3 = paths[(n * 5) % len(paths)]
+            data = draw_image(f"planted/{n}", c3, size=32)
+            image = FixtureImage(n, c1, c2, c3, data, image_sha256(data))
+            for row in preference_rows(image, f"planted_{n}.jpg"):
+                row["chosen"], row["rejected"] = CHOSEN.format(c3=c3), REJECTED.format(c3=c3)
+                row["id"] = row_id(image.sha256, row["question"], row["chosen"], row["rejected"])
+                writer.add(row, split_for(image.sha256, 0.2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tiny, planted, tmp_path_factory):
+    """The tiny reward model (full fine-tune), 40 steps of 8 pairs at a test-sized learning rate."""
+    cfg = load_config("tiny-rm", "rm", model=str(tiny), dataset=str(planted), config_name="default",
+                      output_dir=str(tmp_path_factory.mktemp("runs") / "rm"), max_steps=40,
+                      per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10, seed=0)
+    lines = []
+    return train_rm(cfg, log=lines.append), cfg, lines
+
+
+@pytest.mark.parametrize("name,kind", [("llava-1.5-7b-rm", "rm"), ("llava-1.5-7b-ppo-lora", "ppo"),
+                                       ("tiny-rm", "rm"), ("tiny-ppo", "ppo")])
+def test_shipped_configs_load(name, kind):
+    cfg = load_config(name, kind)
+    assert cfg["kind"] == kind
+    if name.startswith("llava"):  # the paper's values
+        assert cfg["learning_rate"] == {"rm": 3e-5, "ppo": 1e-6}[kind]
+    if kind == "ppo":
+        assert (cfg["kl_coef"], cfg["cliprange"], cfg["cliprange_value"], cfg["vf_coef"]) == (0.1, 0.2, 0.2, 0.1)
+        assert cfg["reward_model"]
+
+
+def test_rm_learns_the_planted_preference(trained_rm, planted):
+    result, cfg, lines = trained_rm
+    assert len(load_rows(str(planted), "default", "validation")) >= 10
+    assert result.kind == "rm" and result.steps == 40
+    assert result.metrics["eval_accuracy"] >= 0.8, lines
+    assert result.metrics["loss"] < 0.5
+    out = result.output_dir
+    record = json.loads(open(f"{out}/spa_vl_train.json").read())
+    assert record["kind"] == "rm" and record["result"]["metrics"]["eval_accuracy"] == result.metrics["eval_accuracy"]
+    assert any("eval accuracy" in line for line in lines)
+
+
+def test_rm_reloads_with_the_trained_weights(trained_rm, planted):
+    from transformers import AutoProcessor
+
+    result, cfg, _ = trained_rm
+    rm = VLMRewardModel.from_pretrained(result.output_dir)
+    assert not any(p.requires_grad for p in rm.parameters())
+    processor = AutoProcessor.from_pretrained(result.output_dir)
+    pairs, _ = prepare_preferences(load_rows(str(planted), "default", "validation"), processor, log=lambda m: None)
+    with torch.no_grad():
+        rewards = rm.score(**preference_batch(list(pairs), processor))
+    chosen, rejected = rewards.chunk(2)
+    assert (chosen > rejected).float().mean().item() == pytest.approx(result.metrics["eval_accuracy"])
+
+
+def test_rm_save_and_reload_give_identical_scores(tiny, planted, tmp_path):
+    """A LoRA reward model (adapter + projector copy + head) round-trips to the same scores."""
+    cfg = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "freeze_vision_tower": True, "train_projector": True}
+    backbone, processor = load_backbone(str(tiny), cfg, use_cpu=True)
+    rm = VLMRewardModel(backbone).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if p.requires_grad:  # move the adapters (B starts at zero), the projector copy and the head
+                p.add_(0.1 * torch.randn_like(p))
+    pairs, _ = prepare_preferences(load_rows(str(planted), "default", "validation", limit=6), processor,
+                                   log=lambda m: None)
+    batch = preference_batch(list(pairs), processor)
+    with torch.no_grad():
+        before = rm.score(**batch)
+    rm.save_pretrained(tmp_path / "rm")
+    again = VLMRewardModel.from_pretrained(tmp_path / "rm")
+    with torch.no_grad():
+        after = again.score(**batch)
+    assert before.shape == (12,) and before.std() > 0
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["adapter"] is True
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_ppo_two_iterations(mode, tiny, planted, trained_rm, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    rm_dir = trained_rm[0].output_dir
+    # Full: the whole LM trains against a frozen copy. LoRA: dropout on, to show PPO switches it off.
+    overrides = {"lora": False} if mode == "full" else {"lora": {"r": 8, "alpha": 16, "dropout": 0.1}}
+    cfg = load_config("tiny-ppo", "ppo", model=str(tiny), dataset=str(planted), config_name="default",
+                      reward_model=rm_dir, output_dir=str(tmp_path / "ppo"), seed=0, **overrides)
+    lines = []
+    trainer = PPOTrainer(cfg, log=lines.append)
+    policy, value = trainer.policy, trainer.value_model
+    trainable = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    reward = {n: p.detach().clone() for n, p in trainer.reward_model.named_parameters()}
+    head = value.value_head.weight.detach().clone()
+    assert trainable and frozen
+
+    # Dropout is off everywhere, the policy starts as the reference (KL 0), and a training-mode forward
+    # reproduces the rollout's log-probabilities, so the first update starts at ratio 1.
+    dropouts = [m for model in (trainer.model, trainer.reward_model) for m in model.modules()
+                if isinstance(m, torch.nn.Dropout)]
+    assert all(m.p == 0 for m in dropouts) and (dropouts or mode == "full")  # LoRA: the adapters' dropout
+    first = trainer.rollout(trainer.next_prompts())
+    assert first["kl"].abs().max() < 1e-5 and torch.isfinite(first["advantages"]).all()
+    trainer.model.train()
+    with torch.no_grad():
+        logits, _ = trainer.model(**first["batch"], response_length=first["response"].shape[1])
+    logprobs, _ = token_logprobs(logits, first["response"], cfg["temperature"])
+    torch.testing.assert_close(logprobs * first["mask"], first["logprobs"])
+
+    result = trainer.train()
+
+    assert result.kind == "ppo" and result.steps == 2 and result.samples == 8
+    for key in ("reward", "kl", "policy_loss", "value_loss"):
+        assert torch.isfinite(torch.tensor(result.metrics[key])), (key, lines)
+    assert sum(line.startswith("ppo iteration") for line in lines) == 2
+    # The policy moved; everything frozen in it (with LoRA: the whole base model) did not.
+    changed = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert len(changed) == len(trainable), set(trainable) - set(changed)
+    for n, p in policy.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    for n, p in trainer.reward_model.named_parameters():
+        assert torch.equal(p, reward[n]), n
+    assert not torch.equal(value.value_head.weight, head)
+
+    # The reference is the untouched original model, and so is the vision tower.
+    original = AutoModelForImageTextToText.from_pretrained(str(tiny)).eval()
+    for (n, p), (_, q) in zip(vlm_parts(policy).vision.named_parameters(), original.model.vision_tower.named_parameters()):
+        assert torch.equal(p, q), n
+    rows, processor = trainer.prompts[:2], trainer.processor
+    texts = [processor.apply_chat_template(prompt_messages(q), add_generation_prompt=True, tokenize=False)
+             for q in rows["question"]]
+    batch = processor(text=texts, images=[im.convert("RGB") for im in rows["image"]], padding=True,
+                      add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        expected = original(**batch).logits
+        if mode == "lora":
+            with policy.disable_adapter():
+                got = policy(**batch).logits
+        else:
+            assert trainer.reference is not None
+            got = trainer.reference(**batch).logits
+            assert not torch.allclose(policy(**batch).logits, expected)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    saved = tmp_path / "ppo"
+    assert (saved / "spa_vl_train.json").is_file()
+    assert (saved / ("adapter_config.json" if mode == "lora" else "model.safetensors")).is_file()
+    assert not list(saved.glob(".partial-*"))
+
+
+def test_ppo_config_errors(tiny, planted, tmp_path):
+    base = dict(model=str(tiny), dataset=str(planted), output_dir=str(tmp_path / "x"))
+    with pytest.raises(DataError, match="reward_model"):
+        PPOTrainer(load_config("tiny-ppo", "ppo", **base, reward_model=""))
+    with pytest.raises(DataError, match="multiple"):
+        PPOTrainer(load_config("tiny-ppo", "ppo", **base, rollout_batch_size=3))
+    with pytest.raises(DataError, match="not a reward model"):
+        PPOTrainer(load_config("tiny-ppo", "ppo", **base, reward_model=str(tiny)))
+
+
+def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    # δ = (1 + 1.0 − 0.5, 2 + 1.5 − 1.0, 3 + 0 − 1.5) = (1.5, 2.5, 1.5); A = suffix sums of δ
+    torch.testing.assert_close(advantages, torch.tensor([[5.5, 4.0, 1.5]]))
+    torch.testing.assert_close(returns, torch.tensor([[6.0, 5.0, 3.0]]))  # the rewards to go
+
+
+def test_gae_discounts_and_ignores_padding():
+    rewards = torch.tensor([[1.0, 2.0, 99.0], [0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 1.0, 77.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # row 0: δ1 = 2 + 0.9·0 − 1 = 1.0 → A1 = 1.0; δ0 = 1 + 0.9·1 − 0.5 = 1.4 → A0 = 1.4 + 0.45·1.0 = 1.85
+    # row 1: δ = (0, 0, 1) → A2 = 1, A1 = 0.45, A0 = 0.2025
+    torch.testing.assert_close(advantages, torch.tensor([[1.85, 1.0, 0.0], [0.2025, 0.45, 1.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[2.35, 2.0, 0.0], [0.2025, 0.45, 1.0]]))
+
+
+def test_whiten_uses_only_unmasked_entries():
+    x = torch.tensor([[1.0, 2.0, 3.0, 50.0], [4.0, 5.0, -7.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    w = whiten(x, mask)
+    kept = w[mask.bool()]
+    torch.testing.assert_close(kept, (x[mask.bool()] - 3.0) / torch.tensor([1.0, 2, 3, 4, 5]).std())
+    assert kept.mean().abs() < 1e-6 and kept.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(w[~mask.bool()], torch.zeros(3))
+    assert whiten(x, mask, shift_mean=False)[mask.bool()].mean().item() == pytest.approx(3.0, abs=1e-5)
+
+
+def test_response_mask_and_last_token():
+    response = torch.tensor([[5, 2, 3, 3], [5, 6, 7, 8], [2, 3, 3, 3]])
+    mask = response_mask(response, eos_token_id=2)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert response_mask(response, eos_token_id=[2, 8]).tolist()[1] == [1, 1, 1, 1]
+    values = torch.arange(12.0).reshape(3, 4)
+    attention = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 1, 0]])  # left and right padding
+    assert last_token(values, attention).tolist() == [2.0, 7.0, 10.0]
+
+
+def test_select_rows_splits_flattened_image_patches():
+    """LLaVA batches index by row; Qwen2-VL-style ones keep every image's patches in one tensor."""
+    llava = {"input_ids": torch.arange(6).reshape(3, 2), "pixel_values": torch.arange(3.0).reshape(3, 1, 1, 1)}
+    assert select_rows(llava, torch.tensor([2, 0]))["pixel_values"].flatten().tolist() == [2.0, 0.0]
+    grid = torch.tensor([[1, 1, 2], [1, 2, 2], [1, 1, 1]])  # 2, 4 and 1 patches
+    qwen = {"input_ids": torch.arange(6).reshape(3, 2), "image_grid_thw": grid,
+            "pixel_values": torch.arange(7.0)[:, None]}
+    out = select_rows(qwen, torch.tensor([1, 2]))
+    assert out["pixel_values"].flatten().tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert out["image_grid_thw"].tolist() == [[1, 2, 2], [1, 1, 1]] and out["input_ids"].tolist() == [[2, 3], [4, 5]]
