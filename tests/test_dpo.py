@@ -80,7 +80,7 @@ def lora_run(tiny):
 
     grab = Grab()
     lines = []
-    result = train_dpo(_cfg(tiny, "lora"), log=lines.append, callbacks=[grab])
+    result = train_dpo(_cfg(tiny, "lora", report_to="tensorboard"), log=lines.append, callbacks=[grab])
     return {"result": result, "model": grab.model, "log": lines, "out": tiny["root"] / "lora"}
 
 
@@ -103,6 +103,15 @@ def test_lora_loss_moves_and_adapters_train(lora_run):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero
     assert any("LoRA r=8" in line and "vision tower frozen" in line for line in lora_run["log"])
     assert any(line.startswith("data: ") for line in lora_run["log"])
+
+
+def test_lora_run_logs_to_tensorboard(lora_run):
+    from tb_events import tensorboard_scalars
+
+    scalars = tensorboard_scalars(lora_run["out"])
+    assert len(scalars["train/loss"]) == 2  # logging_steps 1, two steps
+    assert scalars["train/loss"][0] == pytest.approx(0.6931, abs=1e-3)
+    assert "train/rewards/accuracies" in scalars and "eval/loss" in scalars
 
 
 def test_lora_freezes_vision_trains_projector_and_reference_is_base(tiny, lora_run):

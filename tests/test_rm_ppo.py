@@ -70,7 +70,8 @@ def trained_rm(tiny, planted, tmp_path_factory):
     """The tiny reward model (full fine-tune), 40 steps of 8 pairs at a test-sized learning rate."""
     cfg = load_config("tiny-rm", "rm", model=str(tiny), dataset=str(planted), config_name="default",
                       output_dir=str(tmp_path_factory.mktemp("runs") / "rm"), max_steps=40,
-                      per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10, seed=0)
+                      per_device_train_batch_size=8, per_device_eval_batch_size=8, logging_steps=10, seed=0,
+                      report_to="tensorboard")
     lines = []
     return train_rm(cfg, log=lines.append), cfg, lines
 
@@ -97,6 +98,15 @@ def test_rm_learns_the_planted_preference(trained_rm, planted):
     record = json.loads(open(f"{out}/spa_vl_train.json").read())
     assert record["kind"] == "rm" and record["result"]["metrics"]["eval_accuracy"] == result.metrics["eval_accuracy"]
     assert any("eval accuracy" in line for line in lines)
+
+
+def test_rm_logs_to_tensorboard(trained_rm):
+    from tb_events import tensorboard_scalars
+
+    result, _, _ = trained_rm
+    scalars = tensorboard_scalars(result.output_dir)
+    assert len(scalars["train/loss"]) == 4  # every 10 of 40 steps
+    assert scalars["eval/accuracy"][-1] == pytest.approx(result.metrics["eval_accuracy"])
 
 
 def test_rm_reloads_with_the_trained_weights(trained_rm, planted):
@@ -145,7 +155,8 @@ def test_ppo_two_iterations(mode, tiny, planted, trained_rm, tmp_path):
     # Full: the whole LM trains against a frozen copy. LoRA: dropout on, to show PPO switches it off.
     overrides = {"lora": False} if mode == "full" else {"lora": {"r": 8, "alpha": 16, "dropout": 0.1}}
     cfg = load_config("tiny-ppo", "ppo", model=str(tiny), dataset=str(planted), config_name="default",
-                      reward_model=rm_dir, output_dir=str(tmp_path / "ppo"), seed=0, **overrides)
+                      reward_model=rm_dir, output_dir=str(tmp_path / "ppo"), seed=0, report_to="tensorboard",
+                      **overrides)
     lines = []
     trainer = PPOTrainer(cfg, log=lines.append)
     policy, value = trainer.policy, trainer.value_model
@@ -174,6 +185,10 @@ def test_ppo_two_iterations(mode, tiny, planted, trained_rm, tmp_path):
     for key in ("reward", "kl", "policy_loss", "value_loss"):
         assert torch.isfinite(torch.tensor(result.metrics[key])), (key, lines)
     assert sum(line.startswith("ppo iteration") for line in lines) == 2
+    from tb_events import tensorboard_scalars
+
+    logged = tensorboard_scalars(tmp_path / "ppo")
+    assert len(logged["ppo/kl"]) == 2 and logged["ppo/reward"][-1] == pytest.approx(result.metrics["reward"])
     # The policy moved; everything frozen in it (with LoRA: the whole base model) did not.
     changed = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
     assert len(changed) == len(trainable), set(trainable) - set(changed)
