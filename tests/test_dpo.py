@@ -209,7 +209,7 @@ def test_unknown_setting_is_an_error_naming_it(tmp_path, tiny):
     bad.write_text("model: m\ndataset: d\noutput_dir: o\nbetta: 0.2\n")
     with pytest.raises(DataError) as e:
         load_config(bad, "dpo")
-    assert "betta" in str(e.value) and "bad.yaml" in str(e.value)
+    assert "betta" in str(e.value) and "bad.yaml" in str(e.value) and "`spa-vl train dpo`" in str(e.value)
     with pytest.raises(DataError, match="lr"):
         _cfg(tiny, "x", lr=1e-5)
     lora = tmp_path / "lora.yaml"

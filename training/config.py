@@ -89,8 +89,8 @@ def load_config(path: str | Path | None, kind: str, **overrides) -> dict:
             raise DataError("a training config is a mapping of settings", file=str(p))
         data = _expand(data)
         file = str(p)
-        _merge_checked(cfg, data, file)
-    _merge_checked(cfg, {k: v for k, v in overrides.items() if v is not None}, "(command line)")
+        _merge_checked(cfg, data, file, kind)
+    _merge_checked(cfg, {k: v for k, v in overrides.items() if v is not None}, "(command line)", kind)
     for key in REQUIRED:
         if cfg[key] in (None, ""):
             raise DataError(f"required: set it in the YAML or pass --{key}", file=file, field=key)
@@ -118,11 +118,11 @@ def resolve_config_path(path: str | Path) -> Path:
                     file=str(path))
 
 
-def _merge_checked(cfg: dict, data: dict, file: str) -> None:
+def _merge_checked(cfg: dict, data: dict, file: str, kind: str) -> None:
     for key, value in data.items():
         if key not in cfg:
-            raise DataError(f"unknown setting for `spa-vl train {cfg.get('kind') or ''}`".replace("  ", " ")
-                            + f" (known: {', '.join(sorted(cfg))})", file=file, field=key)
+            raise DataError(f"unknown setting for `spa-vl train {kind}` (known: {', '.join(sorted(cfg))})",
+                            file=file, field=key)
         if key == "lora" and isinstance(value, dict):
             unknown = set(value) - {"r", "alpha", "dropout", "target_modules"}
             if unknown:

@@ -143,9 +143,9 @@ def apply_training_mode(model: torch.nn.Module, cfg: dict) -> torch.nn.Module:
             p.requires_grad_(True)
     if parts.vision is not None and cfg.get("freeze_vision_tower", True):
         for name, p in parts.vision.named_parameters():
-            # Qwen2-VL's projector (`visual.merger`) sits inside the vision tower: keep it as configured.
-            if "modules_to_save" not in name and not (parts.projector_name and ".merger." in f".{name}"):
+            if "modules_to_save" not in name:  # a LoRA run's trained projector copy (Qwen's `visual.merger`)
                 p.requires_grad_(False)
+    # After the freeze: Qwen2-VL's projector (`visual.merger`) sits inside the vision tower.
     if parts.projector is not None and not lora:
         for p in parts.projector.parameters():
             p.requires_grad_(bool(cfg.get("train_projector", True)))
