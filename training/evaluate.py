@@ -317,33 +317,16 @@ class Generator:
 
     def __init__(self, model: str, *, device: str | None = None, role: str = "model"):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from training.models import load_vlm
 
         self.torch = torch
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
         dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else torch.float32
-        adapter_cfg = Path(model) / "adapter_config.json"
-        base = model
-        if adapter_cfg.is_file():
-            try:
-                base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
-            except ValueError:
-                raise DataError("not valid JSON", file=str(adapter_cfg)) from None
-            if not base:
-                raise DataError("the adapter does not name its base model", file=str(adapter_cfg),
-                                field="base_model_name_or_path")
-        own_processor = any((Path(model) / n).is_file() for n in ("processor_config.json", "preprocessor_config.json"))
-        try:
-            self.processor = AutoProcessor.from_pretrained(model if own_processor else base)
-            net = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, device_map=device)
-            if adapter_cfg.is_file():
-                from peft import PeftModel
-
-                net = PeftModel.from_pretrained(net, model).merge_and_unload()
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot load the model as an image-text-to-text model: {e}"[:800], file=str(model),
-                            field=role) from None
+        net, self.processor = load_vlm(model, dtype=dtype, device_map=device, field=role)
+        if hasattr(net, "merge_and_unload"):  # a LoRA adapter: merged for faster generation
+            net = net.merge_and_unload()
         self.model = net.eval()
         self.dtype = dtype
         self.tokenizer = getattr(self.processor, "tokenizer", None)

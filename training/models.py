@@ -75,26 +75,37 @@ def is_adapter(path: str) -> bool:
 
 
 def load_vlm(path: str, *, dtype="auto", use_cpu: bool = False, attn_implementation: str | None = None,
-             trainable_adapter: bool = False):
-    """Model and processor from a Hub id or folder; a LoRA adapter folder loads its base model first."""
+             trainable_adapter: bool = False, device_map=None, field: str = "model"):
+    """Model and processor from a Hub id or folder; a LoRA adapter folder loads its base model first
+    (the model is then a ``PeftModel``). Errors name the folder and ``field``."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     kwargs = {"dtype": resolve_dtype(dtype, use_cpu=use_cpu)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     base_path = path
     if is_adapter(path):
-        base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        adapter_cfg = Path(path) / "adapter_config.json"
+        try:
+            base_path = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        except ValueError:
+            raise DataError("not valid JSON", file=str(adapter_cfg)) from None
+        if not base_path:
+            raise DataError("the adapter does not name its base model", file=str(adapter_cfg),
+                            field="base_model_name_or_path")
+    own_processor = any((Path(path) / n).is_file() for n in ("processor_config.json", "preprocessor_config.json"))
     try:
         model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path if (Path(path) / "processor_config.json").exists()
-                                                  or (Path(path) / "preprocessor_config.json").exists() else base_path)
-    except OSError as e:
-        raise DataError(f"cannot load the model: {e}", file=str(path), field="model") from None
-    if base_path != path:
-        from peft import PeftModel
+        processor = AutoProcessor.from_pretrained(path if own_processor else base_path)
+        if base_path != path:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
+            model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load the model as an image-text-to-text model: {e}"[:800], file=str(path),
+                        field=field) from None
     return model, processor
 
 
