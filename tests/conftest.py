@@ -19,3 +19,16 @@ def fixture_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("fixture") / "spa_vl"
     write_fixture(root, rows_per_domain=30, eval_rows=10, seed=0, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_data(tmp_path_factory):
+    """{"model": a tiny random-weight LLaVA folder, "data": a fixture folder of 12 rows per domain}: the
+    trainers' tests read both and write nothing into them."""
+    from builder.fixture import write_fixture
+    from builder.tiny_vlm import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("tiny_llava_data")
+    model = build_tiny_llava(root / "tiny-llava", seed=0)
+    write_fixture(root / "spa_vl", rows_per_domain=12, eval_rows=2, progress=False)
+    return {"model": str(model), "data": str(root / "spa_vl")}

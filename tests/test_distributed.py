@@ -19,15 +19,8 @@ PROCESSES = 2
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from builder.fixture import write_fixture
-    from builder.tiny_vlm import build_tiny_llava
-
-    root = tmp_path_factory.mktemp("ddp")
-    model = build_tiny_llava(root / "tiny-llava", seed=0)
-    data = root / "spa_vl"
-    write_fixture(data, rows_per_domain=12, eval_rows=2, progress=False)
-    return {"root": root, "model": str(model), "data": str(data)}
+def tiny(tiny_llava_data, tmp_path_factory):
+    return {**tiny_llava_data, "root": tmp_path_factory.mktemp("ddp")}
 
 
 def _free_port() -> int:

@@ -14,15 +14,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from builder.fixture import write_fixture
-    from builder.tiny_vlm import build_tiny_llava
-
-    root = tmp_path_factory.mktemp("dpo")
-    model = build_tiny_llava(root / "tiny-llava", seed=0)
-    data = root / "spa_vl"
-    write_fixture(data, rows_per_domain=12, eval_rows=2, progress=False)
-    return {"root": root, "model": str(model), "data": str(data)}
+def tiny(tiny_llava_data, tmp_path_factory):
+    return {**tiny_llava_data, "root": tmp_path_factory.mktemp("dpo")}
 
 
 def _cfg(tiny, name, **overrides):
