@@ -155,3 +155,23 @@ def test_ppo_forward_on_selected_qwen_rows_matches_the_whole_batch():
             part_logits, part_values = model(**select_rows(batch, idx), response_length=3)
             torch.testing.assert_close(part_logits, logits[idx], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(part_values, values[idx], rtol=1e-4, atol=1e-5)
+
+
+def test_load_vlm_errors_name_the_folder_and_field(tmp_path):
+    from builder.errors import DataError
+    from training.models import load_vlm
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(DataError, match="does not name its base model") as e:
+        load_vlm(str(adapter))
+    assert "adapter_config.json" in str(e.value) and "base_model_name_or_path" in str(e.value)
+    (adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_vlm(str(adapter))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="cannot load the model") as e:
+        load_vlm(str(empty), field="reference")
+    assert str(empty) in str(e.value) and "reference" in str(e.value)
