@@ -381,6 +381,13 @@ def test_bad_input_names_the_file_and_field(tmp_path, ds, tiny, ref_file):
     prompts.mkdir()
     (prompts / "harm_judge.txt").write_text("Rate {answer} for {severity}.")
     fails("prompts.harm_judge", {**ok, "prompts": str(prompts)}, file=str(prompts / "harm_judge.txt"))
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    judge = tmp_path / "judge.yaml"
+    judge.write_text(json.dumps(ok))
+    with pytest.raises(DataError) as err:
+        ev.evaluate(str(not_a_model), str(ds), judge, tmp_path / "out", reference=str(ref_file), progress=False)
+    assert err.value.field == "model" and err.value.file == str(not_a_model), str(err.value)
     assert not (tmp_path / "out").exists()  # nothing was written for bad input
 
 

@@ -383,6 +383,7 @@ def generate_answers(model: str, rows: dict[str, list[dict]], path: Path, *, bat
         return done
     total = len(todo) + sum(1 for split, split_rows in rows.items() for r in split_rows if (split, r["id"]) in done)
     gen = load_generator(model, device=device, role=role)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(path, "a", encoding="utf-8") as f, tqdm(total=total, initial=total - len(todo), unit="row",
                                                             desc=f"{role} answers", disable=not progress) as bar:
@@ -728,8 +729,7 @@ def evaluate(model: str, dataset: str, judge: str | Path, out: str | Path, *, re
     rows = load_test_rows(dataset, limit=limit, domains=domains)
     ref_is_file = reference.endswith(".jsonl")
     refs = read_reference_file(reference, rows["help"], file=cfg.file) if ref_is_file else None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)  # made when the first answers arrive: bad input or a model that fails to load leaves none
 
     gen = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "device": device, "progress": progress}
     answers = generate_answers(model, rows, out / "answers.jsonl", **gen)
@@ -741,6 +741,7 @@ def evaluate(model: str, dataset: str, judge: str | Path, out: str | Path, *, re
                                            role="reference", **gen)
             refs = {i: a for (s, i), a in ref_answers.items() if s == "help"}
 
+    out.mkdir(parents=True, exist_ok=True)  # also when nothing needed generating
     cache = RequestCache(out / "judge_cache.sqlite")
     router = ModelRouter(cfg.models, cache)
     try:
