@@ -271,6 +271,13 @@ def load(
         raise ValueError(f"no source: pass source= a spa-vl dataset folder or a Hub repo id, or set {SOURCE_ENV}")
     if os.path.isdir(source):
         source = os.path.abspath(source)
+    else:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(source)
+        except HFValidationError:
+            raise FileNotFoundError(f"{source}: no such dataset folder, and not a Hub repo id (namespace/name)") from None
     kwargs = dict(source=source, revision=revision, filters=filters, **config_kwargs)
     if not streaming:
         # For a Hub repo the fingerprint is the commit: pin the revision to it, so files are listed at that commit.

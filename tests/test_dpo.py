@@ -247,3 +247,15 @@ def test_demo_run_one_line(tiny):
     line = demo_run(tiny["model"], tiny["data"], str(tiny["root"] / "demo"), limit=8)
     assert line.startswith("train dpo: 2 steps, 4 samples") and "loss" in line and "\n" not in line
     assert (tiny["root"] / "demo" / "adapter_model.safetensors").is_file()
+
+
+def test_load_rows_errors_name_the_dataset_or_the_config(tiny, tmp_path):
+    from training.data import load_rows
+
+    for missing in (tmp_path / "nope", tmp_path):  # no folder at all; a folder without spa-vl shards
+        with pytest.raises(DataError) as e:
+            load_rows(str(missing), "malicious_use", "train")
+        assert e.value.field == "dataset" and e.value.file == str(missing)
+    with pytest.raises(DataError) as e:
+        load_rows(tiny["data"], "malicous_use", "train")
+    assert e.value.field == "config_name/split" and "malicious_use" in str(e.value)  # lists the real names

@@ -122,6 +122,8 @@ def test_folder_without_shards_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "data").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no files match"):
         spa_vl.load("malicious_use", source=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(FileNotFoundError, match="no such dataset folder, and not a Hub repo id"):
+        spa_vl.load("malicious_use", source=str(tmp_path / "missing"), cache_dir=str(tmp_path / "c"))
 
 
 def test_corrupt_shard_names_the_file(fixture_folder, tmp_path):

@@ -38,6 +38,8 @@ def load_rows(dataset: str, config_name: str = "default", split: str = "train", 
 
     try:
         ds = spa_vl.load(config_name, split, source=dataset, revision=revision, filters=filters)
+    except FileNotFoundError as e:  # no such folder or repo id, or a folder without this config's shards
+        raise DataError(str(e), file=str(dataset), field="dataset") from None
     except ValueError as e:
         raise DataError(str(e), file=str(dataset), field="config_name/split") from None
     if limit is not None:
