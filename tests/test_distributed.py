@@ -7,6 +7,7 @@ exercise: data prepared on the main process first, gathered metrics, one summary
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -82,5 +83,5 @@ def test_ppo_on_two_processes(tiny, rm_run):
     result = json.loads((out / "spa_vl_train.json").read_text())["result"]
     assert result["steps"] == 2 and result["samples"] == 2 * 4 * PROCESSES  # 2 iterations × 4 prompts × 2
     for key in ("reward", "kl", "policy_loss", "value_loss"):
-        assert isinstance(result["metrics"][key], float) and result["metrics"][key] == result["metrics"][key]
+        assert isinstance(result["metrics"][key], float) and math.isfinite(result["metrics"][key]), key
     assert (out / "adapter_model.safetensors").is_file()
