@@ -317,6 +317,69 @@ class CLI:
             print(f"spa-vl pull: verification failed, nothing written to {out}: {e}", file=sys.stderr)
             sys.exit(1)
 
+    def review(self, dir: str, report: bool = False, n: int | None = None, seed: int | None = None,
+               config: str | None = None, host: str = "127.0.0.1", port: int = 8765, open: bool = False,
+               resamples: int = 2000):
+        """People check the judge: a local page to review a blind sample of pairs, then the agreement report.
+
+        The page shows each sampled pair's image, question and two answers in a random A/B order (never
+        the judge's choice or the models); the reviewer picks the better one (harmless first, then helpful)
+        or a tie, may mark answers unsafe and leave a note, all from the keyboard. The sample and every
+        verdict live in DIR/review/, each verdict saved the moment it is given; reopening the page under
+        the same name resumes. --report writes DIR/review/report.json, agreement.png, disagreements.md and
+        the card's "Human validation" section: judge vs people (agreement, Cohen's kappa, bootstrap
+        intervals, per domain and category), reviewers vs each other, position bias, unsafe labels.
+
+        Example:
+          spa-vl review out/spa_vl                  # serves http://127.0.0.1:8765/ until Ctrl-C
+          spa-vl review out/spa_vl --n 200 --seed 1 --config malicious_use --open
+          spa-vl review runs/r1                     # a run directory, before `spa-vl build`
+          spa-vl review out/spa_vl --report
+
+        Args:
+          dir: a dataset folder, or a run directory before `spa-vl build`.
+          report: compute the report from the verdicts given so far instead of serving the page.
+          n: pairs in the sample (a new sample: 500; an existing one: left out, or the same).
+          seed: the sample's seed, also of the A/B order and the bootstrap (a new sample: 0).
+          config: sample one domain config only (a new sample: every domain).
+          host: the address to serve on (127.0.0.1: this machine only).
+          port: the port to serve on (0: any free port).
+          open: open the page in the default web browser.
+          resamples: bootstrap resamples for the report's intervals.
+        """
+        from builder.review import ReviewServer, make_report, open_review
+        from builder.review.render import report_summary
+
+        t0 = time.perf_counter()
+        if not Path(dir).is_dir():
+            raise DataError("no such folder", file=dir)
+        if report:
+            given = [name for name, value in (("n", n), ("seed", seed), ("config", config)) if value is not None]
+            if given:
+                raise DataError("--report uses the sample drawn already; leave out --" + ", --".join(given), field=given[0])
+            result = make_report(dir, resamples=resamples)
+            print(report_summary(result.report))
+            print(f"review report: {time.perf_counter() - t0:.1f}s -> {Path(dir) / 'review'}"
+                  + ("; card re-rendered" if result.card_rendered else ""))
+            return
+        server = ReviewServer(host=host, port=port)  # a busy port fails before a sample is drawn
+        session = open_review(dir, n=n, seed=seed, config=config)
+        print(f"review: {len(session.pairs):,} pairs ({'new sample' if session.new_sample else 'sample continued'}, "
+              f"seed {session.sample.seed}) at {server.url}  (Ctrl-C to stop)")
+        if open:
+            import webbrowser
+
+            webbrowser.open(server.url)
+        try:
+            server.serve_forever(session)
+        except KeyboardInterrupt:
+            pass  # uvicorn has shut down; every verdict is on disk already
+        finally:
+            session.close()
+        latest = session.store.latest()
+        print(f"review: {session.saved:,} verdicts saved in {time.perf_counter() - t0:.0f}s; {len(latest):,} in all by "
+              f"{len({who for who, _ in latest})} reviewer(s) -> {session.store.path}")
+
     def train(self, kind: str | None = None, config: str | None = None, model: str | None = None, dataset: str | None = None,
               config_name: str | None = None, max_steps: int | None = None, output_dir: str | None = None,
               **overrides):

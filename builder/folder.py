@@ -44,6 +44,7 @@ DEFAULT_CONFIG = "default"
 CHANGELOG = "CHANGELOG.md"
 HISTORY_DIR = ".spa_vl"  # local history (released row ids); never published
 UNATTRIBUTED = "unattributed"  # train rows without labels: in `default` only, never in a domain config
+REVIEW_DIR = "review"  # people's verdicts on the judge (`spa-vl review`): published, not in the manifest, kept on rebuild
 
 
 def config_data_files(domain_slugs: list[str]) -> dict[str, dict[str, str]]:
@@ -204,7 +205,7 @@ class DatasetFolderWriter:
         ``.spa_vl/`` (what ``spa-vl version`` diffs against), and its version, which never goes back."""
         if not (self.out / "manifest.json").is_file():
             return
-        for name in (CHANGELOG, HISTORY_DIR):
+        for name in (CHANGELOG, HISTORY_DIR, REVIEW_DIR):
             src = self.out / name
             if src.is_dir():
                 shutil.copytree(src, self._tmp / name)

@@ -32,7 +32,7 @@ from builder.folder import CHANGELOG, parse_version, read_manifest, swap_into_pl
 from builder.shards import file_sha256
 
 REPO_TYPE = "dataset"
-PUBLISHED_DIRS = ("assets",)  # besides README.md, CHANGELOG.md, manifest.json and the manifest's files
+PUBLISHED_DIRS = ("assets", "review")  # besides README.md, CHANGELOG.md, manifest.json and the manifest's files
 KEEP_REMOTE = (".gitattributes",)  # files the Hub manages; never deleted by a publish
 
 
@@ -539,7 +539,7 @@ def pull(repo_id: str, out: str | Path, *, revision: str | None = None, overwrit
     keep = {"README.md", CHANGELOG, "manifest.json", *manifest.get("files", {})}
     for p in sorted(partial.rglob("*")):
         rel = p.relative_to(partial).as_posix()
-        if p.is_file() and rel not in keep and not (rel.startswith("assets/") and rel.count("/") == 1):
+        if p.is_file() and rel not in keep and not (rel.split("/")[0] in PUBLISHED_DIRS and rel.count("/") == 1):
             p.unlink()  # .gitattributes, our mark, leftovers of an earlier pull
     sizes = [p.stat().st_size for p in partial.rglob("*") if p.is_file()]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,7 @@ def render_card_text(stats: FolderStats, taxonomy: Taxonomy) -> str:
         revision_arg=f', revision="v{stats.version}"' if opts.get("repo_id") else "",
         extra_limitations=list(opts.get("limitations", [])),
         build_config_hash=stats.manifest.get("build_config_hash", "unknown"),
+        human_validation=_human_validation(stats.root),
     )
     DatasetCard(text)  # the YAML header must load back: raises if it does not
     return text
@@ -252,3 +253,8 @@ def _set_card_option(root: Path, key: str, value) -> None:
 def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
+
+def _human_validation(root: Path) -> str:
+    """The "Human validation" section that `spa-vl review --report` wrote into the folder, if any."""
+    path = Path(root) / "review" / "human_validation.md"  # builder.review.render.CARD_SECTION_FILE
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
