@@ -35,7 +35,7 @@ _REVIEWER = re.compile(r"^[\w][\w .'-]{0,63}$")
 def check_reviewer(name) -> str:
     """A reviewer's name: 1-64 letters, digits, spaces, . ' - _ (starting with a letter or digit)."""
     name = name.strip() if isinstance(name, str) else name
-    if not isinstance(name, str) or not _REVIEWER.match(name):
+    if not isinstance(name, str) or not _REVIEWER.fullmatch(name):
         raise DataError("a reviewer name is 1-64 letters, digits, spaces, . ' - or _", field="reviewer")
     return name
 
