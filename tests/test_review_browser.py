@@ -169,4 +169,5 @@ def test_review_with_the_keyboard_close_midway_resume_and_finish(review_folder, 
 
     assert shot.stat().st_size < 400_000
     if os.environ.get("SPA_VL_SCREENSHOTS") == "1":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
