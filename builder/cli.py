@@ -363,7 +363,11 @@ class CLI:
                   + ("; card re-rendered" if result.card_rendered else ""))
             return
         server = ReviewServer(host=host, port=port)  # a busy port fails before a sample is drawn
-        session = open_review(dir, n=n, seed=seed, config=config)
+        try:
+            session = open_review(dir, n=n, seed=seed, config=config)
+        except BaseException:
+            server.close()
+            raise
         print(f"review: {len(session.pairs):,} pairs ({'new sample' if session.new_sample else 'sample continued'}, "
               f"seed {session.sample.seed}) at {server.url}  (Ctrl-C to stop)")
         if open:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.folder import DEFAULT_CONFIG, PREFERENCE_SPLITS, TEST_CONFIG, read_manifest
@@ -98,7 +99,8 @@ class FolderSource:
 
     def labels(self, config: str | None = None) -> list[PairLabels]:
         out = []
-        for rel in self._shards(config):
+        shards = self._shards(config)
+        for rel in tqdm(shards, desc="review: reading pairs", unit="shard", disable=len(shards) < 20, leave=False):
             names = set(pq.read_schema(self.root / rel).names)
             table = pq.read_table(self.root / rel, columns=[c for c in _LABEL_COLUMNS if c in names])
             for i, row in enumerate(table.to_pylist()):

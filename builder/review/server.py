@@ -157,6 +157,9 @@ class ReviewServer:
         self._sock = _listen(host, port)
         self.url = f"http://{host if ':' not in host else f'[{host}]'}:{self._sock.getsockname()[1]}/"
 
+    def close(self) -> None:
+        self._sock.close()
+
     def _server(self, session: ReviewSession) -> uvicorn.Server:
         app = create_app(session, allowed_hosts=self._hosts)
         return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
