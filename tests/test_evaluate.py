@@ -111,7 +111,8 @@ def test_evaluate_scores_the_scripted_judge_and_resumes_for_free(tmp_path, ds, t
     assert again["cost"]["requests"] == 0 and again["cost"]["cached"] == 18
 
 
-def test_an_interrupted_answer_file_resumes_where_it_stopped(tmp_path, ds, tiny, rows, ref_file, answers_file, monkeypatch):
+def test_an_interrupted_answer_file_resumes_where_it_stopped(tmp_path, ds, tiny, rows, ref_file, answers_file,
+                                                            monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     lines = answers_file.read_text().splitlines(keepends=True)
@@ -357,3 +358,15 @@ def test_a_reference_that_fails_fails_its_question(tmp_path, ds, tiny, rows, ans
     assert (m["help"]["win_rate"], m["help"]["n"], m["help"]["failed"]) == (pytest.approx(win_rate), 5, 1)
     assert m["help"]["failures"] == {"reference_failed": 1}
     assert len((out / "reference_answers.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_local_model_entry_can_write_the_reference(tmp_path, ds, tiny, rows, answers_file):
+    out = fresh_out(tmp_path, answers_file)
+    with OpenAIServer(ScriptedJudge(rows)) as srv:
+        local = {"tiny-ref": {"backend": "transformers", "path": str(tiny)}}
+        cfg = judge_yaml(tmp_path / "j.yaml", srv.url, models=local, reference="tiny-ref")
+        m = ev.evaluate(str(tiny), str(ds), cfg, out, max_new_tokens=5, progress=False)
+    refs = [json.loads(line) for line in (out / "reference_answers.jsonl").read_text().splitlines()]
+    assert len(refs) == 6 and {r["model"] for r in refs} == {f"models.tiny-ref: {tiny}"}
+    assert all(isinstance(r["answer"], str) and r["answer"] for r in refs)
+    assert m["cost"]["by_model"]["tiny-ref"]["requests"] == 6 and m["help"]["n"] + m["help"]["failed"] == 6

@@ -287,3 +287,15 @@ def test_md_judge_v01_in_process_follows_the_first_reply_token(target, usr, tmp_
     assert (m["harm"]["usr"], m["harm"]["n"]) == (usr, 6)
     p = [j["p_unsafe"] for j in _judgments(out) if j["split"] == "harm"]
     assert all(abs(x - usr) < 0.01 for x in p), p
+
+
+def test_domains_from_a_command_line_are_a_list():
+    options = {"limit": None, "batch_size": 1, "max_new_tokens": 1, "seed": 0, "max_failure_rate": None,
+               "progress": True}
+    assert ev.check_options(domains="malicious_use, privacy", **options) == ["malicious_use", "privacy"]
+    # fire turns `--domains malicious_use,privacy` into a tuple
+    assert ev.check_options(domains=("malicious_use", "privacy"), **options) == ["malicious_use", "privacy"]
+    assert ev.check_options(domains=None, **options) is None
+    with pytest.raises(DataError) as err:
+        ev.check_options(domains=3, **options)
+    assert err.value.field == "domains"
