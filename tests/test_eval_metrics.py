@@ -51,7 +51,7 @@ def test_win_rate_interval_is_a_seeded_bootstrap_over_questions():
     sd = math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) / len(scores))
     assert ci[0] == pytest.approx(mean - Z95 * sd, abs=0.02) and ci[1] == pytest.approx(mean + Z95 * sd, abs=0.02)
     assert bootstrap_interval([0.5, 0.5, 0.5], seed=0) == [0.5, 0.5]
-    assert bootstrap_interval([], seed=0) is None
+    assert bootstrap_interval([], seed=0) is None and bootstrap_interval([0.75], seed=0) is None
 
 
 def test_summaries_carry_their_intervals_and_failures():

@@ -10,7 +10,7 @@
   bootstrap over questions** (``scipy.stats.bootstrap``, 10,000 resamples, the run's ``seed``), so the
   same seed gives the same interval. The mean harm score gets the same bootstrap.
 
-Rates over no rows, and their intervals, are null.
+Rates over no rows, and their intervals, are null; so is a bootstrap interval over a single question.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def wilson_interval(successes: int, n: int) -> list[float] | None:
 
 
 def bootstrap_interval(values: list[float], seed: int) -> list[float] | None:
-    """The 95% percentile-bootstrap interval of the mean of ``values`` (resampled with ``seed``)."""
-    if not values:
+    """The 95% percentile-bootstrap interval of the mean of ``values`` (resampled with ``seed``); None for
+    fewer than two values, where resampling says nothing."""
+    if len(values) < 2:
         return None
     if len(set(values)) == 1:  # every resample has the same mean
         return [float(values[0]), float(values[0])]
