@@ -432,33 +432,48 @@ class CLI:
             print(result.line())
 
     def evaluate(self, model: str, dataset: str, judge: str, out: str, reference: str | None = None,
-                 batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, progress: bool = True):
+                 batch_size: int = 8, max_new_tokens: int = 256, limit: int | None = None, domains: str | None = None,
+                 seed: int = 0, max_failure_rate: float | None = None, progress: bool = True):
         """Score a model on HarmEval (test/harm: unsafe-response rate, harm score) and HelpEval (test/help: win rate).
 
         Answers are generated in batches and saved as they come (a re-run resumes); the judge is any
-        OpenAI-compatible endpoint (or a local classifier) from JUDGE.yaml, its calls cached. Writes
-        OUT/metrics.json, OUT/metrics.md and OUT/metrics_by_category.png.
+        OpenAI-compatible endpoint or a local model from JUDGE.yaml (harm_format: json, md-judge-v0.1 or
+        md-judge-v0.2, the paper's MD-Judge), its calls cached. Prints the results with 95% confidence
+        intervals (USR: Wilson; harm score and win rate: bootstrap over questions, --seed) and writes
+        OUT/metrics.json, OUT/metrics.md and OUT/metrics_by_category.png. Exits 1 when the judge failed on
+        more than max_failure_rate of a benchmark's rows (or on all of them).
 
         Example:
           spa-vl evaluate runs/dpo out/spa_vl --judge training/configs/judge.yaml --out runs/eval
           spa-vl evaluate llava-hf/llava-1.5-7b-hf my-org/SPA-VL --judge judge.yaml --out runs/base --reference answers.jsonl
+          spa-vl evaluate runs/dpo out/spa_vl --judge judge.yaml --out runs/eval --reference gpt-4o --limit 20
 
         Args:
           model: a Hub id, local model folder or LoRA adapter folder.
           dataset: a spa-vl dataset folder or Hub repo id (its `test` config is used).
-          judge: the judge YAML (models, harm_judge, help_judge, reference).
+          judge: the judge YAML (models, harm_judge, harm_format, help_judge, reference); see training/configs/judge.yaml.
           out: the output folder.
-          reference: the HelpEval reference: a model (its answers are generated) or a .jsonl of {id, answer}.
+          reference: the HelpEval reference: a model entry of the judge file (e.g. gpt-4o), a model (its answers are generated) or a .jsonl of {id, answer}.
           batch_size: generation batch size.
-          max_new_tokens: longest answer generated.
-          limit: evaluate the first N questions of each split only.
+          max_new_tokens: longest answer generated (also for a reference model entry).
+          limit: evaluate the first N questions of each split only (a positive integer).
+          domains: only these harm domains, comma-separated config names or class1 labels (e.g. malicious_use,privacy).
+          seed: the bootstrap's seed for the confidence intervals.
+          max_failure_rate: the largest share of failed judge rows per benchmark that still passes (default: the judge file's, 0.05).
           progress: show progress bars.
         """
-        from training.evaluate import evaluate, summary_line
+        from training.evaluate import evaluate
+        from training.report import results_table, summary_line
 
         metrics = evaluate(model, dataset, judge, out, reference=reference, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+                           max_new_tokens=max_new_tokens, limit=limit, domains=domains, seed=seed,
+                           max_failure_rate=max_failure_rate, progress=progress)
+        print(results_table(metrics))
         print(summary_line(metrics))
+        if not metrics["judge_failures"]["ok"]:
+            for problem in metrics["judge_failures"]["problems"]:
+                print(f"spa-vl evaluate: failed: {problem}; see {out}/judgments.jsonl", file=sys.stderr)
+            sys.exit(1)
 
     def demo(self, out: str = "demo_out"):
         """Run the project end to end offline: fixture -> import -> dataset folder -> load every config.

@@ -6,156 +6,59 @@ from the code under test.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
-import shutil
+from datetime import datetime
+from importlib.metadata import version
 
 import pytest
+from eval_doubles import (
+    HELP_OUTCOMES,
+    ScriptedJudge,
+    expected_harm,
+    expected_help,
+    fresh_out,
+    has_image,
+    judge_yaml,
+    text_of,
+)
 from openai_server import OpenAIServer
 
-import spa_vl
 from builder.errors import DataError
 from builder.fixture import write_fixture
 from builder.tiny_vlm import build_tiny_llava
 from training import evaluate as ev
+from training import judge_config, report
+from training.metrics import bootstrap_interval, wilson_interval
 
-# Harm judge script, by row index of test/harm: (unsafe, harm_score).
-HARM_SCRIPT = {0: (True, 9), 1: (False, 1), 2: (True, 7), 3: (False, 2), 4: (False, 1), 5: (True, 10)}
-# Help judge script, by row index of test/help: the verdict given the model's answer is A (True) or B.
-HELP_SCRIPT = {
-    0: lambda model_is_a: "A",                                # position bias: 1 win + 1 loss -> 0.5
-    1: lambda model_is_a: "A" if model_is_a else "B",         # the model wins both -> 1.0
-    2: lambda model_is_a: "B" if model_is_a else "A",         # the reference wins both -> 0.0
-    3: lambda model_is_a: "tie",                              # -> 0.5
-    4: lambda model_is_a: "A" if model_is_a else "tie",       # win + tie -> 0.75
-    5: lambda model_is_a: "B",                                # position bias the other way -> 0.5
-}
-HELP_SCORE = {0: 0.5, 1: 1.0, 2: 0.0, 3: 0.5, 4: 0.75, 5: 0.5}
-HELP_OUTCOMES = {"wins": 1 + 2 + 0 + 0 + 1 + 1, "ties": 2 + 1, "losses": 1 + 2 + 1}
+pytest_plugins = ["eval_fixtures"]  # module fixtures: work, ds, tiny, rows, ref_file, answers_file
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("evaluate")
-
-
-@pytest.fixture(scope="module")
-def ds(work):
-    root = work / "ds"
-    write_fixture(root, rows_per_domain=6, eval_rows=6, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny(work):
-    return build_tiny_llava(work / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def rows(ds):
-    """The test rows as the dataset itself holds them (read with spa_vl.load, not the code under test)."""
-    dd = spa_vl.load("test", source=str(ds), keep_in_memory=True)
-    out = {s: [{k: r[k] for k in ("id", "question", "class1", "class2")} for r in dd[s]] for s in ("harm", "help")}
-    assert len(out["harm"]) == 6 and len(out["help"]) == 6
-    assert len({r["question"] for r in out["harm"]}) == 6 and len({r["question"] for r in out["help"]}) == 6
-    return out
-
-
-@pytest.fixture(scope="module")
-def ref_file(work, rows):
-    path = work / "reference.jsonl"
-    path.write_text("".join(json.dumps({"id": r["id"], "answer": f"REFERENCE ANSWER {i}"}) + "\n"
-                            for i, r in enumerate(rows["help"])))
-    return path
-
-
-@pytest.fixture(scope="module")
-def answers_file(work, ds, tiny):
-    """The tiny model's answers, generated once; tests that are not about generation start from a copy."""
-    rows = ev.load_test_rows(str(ds))
-    path = work / "answers.jsonl"
-    ev.generate_answers(str(tiny), rows, path, batch_size=4, max_new_tokens=6, progress=False)
-    return path
-
-
-def _fresh_out(tmp_path, answers_file):
-    out = tmp_path / "out"
-    out.mkdir(parents=True)
-    shutil.copy(answers_file, out / "answers.jsonl")
-    return out
-
-
-class ScriptedJudge:
-    """A responder for OpenAIServer that plays HARM_SCRIPT / HELP_SCRIPT, keyed by the question in the prompt."""
-
-    def __init__(self, rows, *, fail_harm=(), garble_harm=(), fail_help_order=None, help_verdict=None):
-        self.harm_index = {r["question"]: i for i, r in enumerate(rows["harm"])}
-        self.help_index = {r["question"]: i for i, r in enumerate(rows["help"])}
-        self.fail_harm, self.garble_harm = set(fail_harm), set(garble_harm)
-        self.fail_help_order = fail_help_order  # (index, model_is_a) that always errors
-        self.help_verdict = help_verdict
-        self.bodies = []
-
-    def __call__(self, body):
-        self.bodies.append(body)
-        parts = body["messages"][-1]["content"]
-        text = next(p["text"] for p in parts if p["type"] == "text")
-        if "[Answer A]" in text:
-            question = re.search(r"\[User request\]\n(.*?)\n\n\[Answer A\]", text, re.DOTALL).group(1)
-            i = self.help_index[question]
-            model_is_a = text.index("REFERENCE ANSWER") > text.index("[Answer B]") if "REFERENCE ANSWER" in text else True
-            if self.fail_help_order == (i, model_is_a):
-                raise RuntimeError("scripted failure")
-            verdict = self.help_verdict(i, model_is_a) if self.help_verdict else HELP_SCRIPT[i](model_is_a)
-            return json.dumps({"winner": verdict})
-        question = re.search(r"\[User request\]\n(.*?)\n\n\[Assistant's answer\]", text, re.DOTALL).group(1)
-        i = self.harm_index[question]
-        if i in self.fail_harm:
-            raise RuntimeError("scripted failure")
-        if i in self.garble_harm:
-            return "I would rather not say."
-        unsafe, score = HARM_SCRIPT[i]
-        return json.dumps({"unsafe": unsafe, "harm_score": score})
-
-
-def _judge_yaml(path, url: str | None, **extra) -> str:
-    entry = {"base_url": url, "api_key_env": None} if url else {}
-    entry |= {"backoff": 0.01, "max_retries": 1, "timeout": 10}
-    cfg = {"models": {"scripted": entry}, "harm_judge": "scripted", "help_judge": "scripted", **extra}
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return str(path)
-
-
-def _expected_harm(rows, skip=()):
-    keep = [(i, r) for i, r in enumerate(rows["harm"]) if i not in skip]
-    usr = sum(HARM_SCRIPT[i][0] for i, _ in keep) / len(keep)
-    score = sum(HARM_SCRIPT[i][1] for i, _ in keep) / len(keep)
-    by_domain = {}
-    for i, r in keep:
-        by_domain.setdefault(r["class1"], []).append(HARM_SCRIPT[i])
-    return usr, score, {d: (sum(u for u, _ in v) / len(v), sum(s for _, s in v) / len(v), len(v)) for d, v in by_domain.items()}
-
-
-def _expected_help(rows, skip=()):
-    keep = [(i, r) for i, r in enumerate(rows["help"]) if i not in skip]
-    by_domain, by_category = {}, {}
-    for i, r in keep:
-        by_domain.setdefault(r["class1"], []).append(HELP_SCORE[i])
-        by_category.setdefault(r["class2"], []).append(HELP_SCORE[i])
-    mean = {k: (sum(v) / len(v), len(v)) for k, v in by_domain.items()}
-    return sum(HELP_SCORE[i] for i, _ in keep) / len(keep), mean, {k: (sum(v) / len(v), len(v)) for k, v in by_category.items()}
+def _assert_the_record(m: dict, saved: dict, ds, url: str) -> None:
+    """What makes the run repeatable, and the 95% intervals (USR: Wilson; win rate: bootstrap, seed 0)."""
+    assert m["versions"]["spa_vl"] == version("spa-vl") and m["seed"] == 0
+    assert m["dataset_revision"] == {"kind": "manifest_sha256",
+                                     "value": hashlib.sha256((ds / "manifest.json").read_bytes()).hexdigest()}
+    assert m["judge"]["harm_judge"] == {"name": "scripted", "model": "scripted", "backend": "openai", "endpoint": url}
+    started, finished = datetime.fromisoformat(m["started_at"]), datetime.fromisoformat(m["finished_at"])
+    assert started.tzinfo is not None and started <= finished
+    h, p = m["harm"], m["help"]
+    assert h["usr_ci"] == pytest.approx(wilson_interval(3, 6))
+    assert p["win_rate_ci"] == pytest.approx(bootstrap_interval([0.5, 1.0, 0.0, 0.5, 0.75, 0.5], seed=0))
+    assert p["win_rate_ci"][0] < p["win_rate"] < p["win_rate_ci"][1]
+    assert saved["judge_failures"]["ok"] and saved["dataset_revision"] == m["dataset_revision"]
 
 
 def test_evaluate_scores_the_scripted_judge_and_resumes_for_free(tmp_path, ds, tiny, rows, ref_file, monkeypatch):
     judge = ScriptedJudge(rows)
     out = tmp_path / "out"
     with OpenAIServer(judge) as srv:
-        cfg = _judge_yaml(tmp_path / "judge.yaml", srv.url)
+        cfg = judge_yaml(tmp_path / "judge.yaml", srv.url)
         m = ev.evaluate(str(tiny), str(ds), cfg, out, reference=str(ref_file), batch_size=4, max_new_tokens=6,
                         progress=False)
         assert srv.stats()["requests"] == 6 + 2 * 6  # one call per harm row, two orders per help row
 
-        usr, score, by_domain = _expected_harm(rows)
+        usr, score, by_domain = expected_harm(rows)
         h = m["harm"]
         assert (h["usr"], h["harm_score"], h["n"], h["failed"]) == (pytest.approx(usr), pytest.approx(score), 6, 0)
         assert (usr, score) == (0.5, 5.0)
@@ -166,7 +69,7 @@ def test_evaluate_scores_the_scripted_judge_and_resumes_for_free(tmp_path, ds, t
                 (pytest.approx(u), pytest.approx(s), n)
         assert sum(v["n"] for v in h["by_category"].values()) == 6
 
-        win_rate, help_domain, help_category = _expected_help(rows)
+        win_rate, help_domain, help_category = expected_help(rows)
         p = m["help"]
         assert p["win_rate"] == pytest.approx(win_rate) == pytest.approx(3.25 / 6)
         assert {k: p[k] for k in ("wins", "ties", "losses")} == HELP_OUTCOMES
@@ -193,9 +96,11 @@ def test_evaluate_scores_the_scripted_judge_and_resumes_for_free(tmp_path, ds, t
         assert "| HarmEval | USR | 50.0% |" in md and "Per category" in md and rows["harm"][0]["class2"] in md
         judgments = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
         assert len(judgments) == 12
-        line = ev.summary_line(m)
+        line = report.summary_line(m)
         assert "USR 50.0%" in line and "win rate 54.2%" in line and "\n" not in line
         assert not list(out.glob(".*tmp*"))
+
+        _assert_the_record(m, saved, ds, srv.url)
 
         # A re-run: the answers are resumed (no model is even loaded) and every judge call is a cache hit.
         srv.reset()
@@ -206,7 +111,8 @@ def test_evaluate_scores_the_scripted_judge_and_resumes_for_free(tmp_path, ds, t
     assert again["cost"]["requests"] == 0 and again["cost"]["cached"] == 18
 
 
-def test_an_interrupted_answer_file_resumes_where_it_stopped(tmp_path, ds, tiny, rows, ref_file, answers_file, monkeypatch):
+def test_an_interrupted_answer_file_resumes_where_it_stopped(tmp_path, ds, tiny, rows, ref_file, answers_file,
+                                                            monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     lines = answers_file.read_text().splitlines(keepends=True)
@@ -222,7 +128,7 @@ def test_an_interrupted_answer_file_resumes_where_it_stopped(tmp_path, ds, tiny,
 
     monkeypatch.setattr(ev, "load_generator", counting)
     with OpenAIServer(ScriptedJudge(rows)) as srv:
-        ev.evaluate(str(tiny), str(ds), _judge_yaml(tmp_path / "j.yaml", srv.url), out, reference=str(ref_file),
+        ev.evaluate(str(tiny), str(ds), judge_yaml(tmp_path / "j.yaml", srv.url), out, reference=str(ref_file),
                     batch_size=4, max_new_tokens=6, progress=False)
     assert len(answered) == 9
     records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
@@ -232,30 +138,32 @@ def test_an_interrupted_answer_file_resumes_where_it_stopped(tmp_path, ds, tiny,
 
 
 def test_failed_and_unparseable_judge_calls_are_counted_and_left_out(tmp_path, ds, tiny, rows, ref_file, answers_file):
-    out = _fresh_out(tmp_path, answers_file)
+    out = fresh_out(tmp_path, answers_file)
     judge = ScriptedJudge(rows, fail_harm={1}, garble_harm={2}, fail_help_order=(3, False))
     with OpenAIServer(judge) as srv:
-        m = ev.evaluate(str(tiny), str(ds), _judge_yaml(tmp_path / "j.yaml", srv.url), out,
+        m = ev.evaluate(str(tiny), str(ds), judge_yaml(tmp_path / "j.yaml", srv.url), out,
                         reference=str(ref_file), progress=False)
         assert srv.stats()["errors"] == 2 * 2  # row 1 and help row 3 (model as B): first try and one retry
-    usr, score, by_domain = _expected_harm(rows, skip={1, 2})
+    usr, score, by_domain = expected_harm(rows, skip={1, 2})
     h = m["harm"]
     assert (h["usr"], h["harm_score"], h["n"], h["failed"]) == (pytest.approx(usr), pytest.approx(score), 4, 2)
     assert (usr, score) == (0.5, 5.5)
     for d, (u, s, n) in by_domain.items():
         assert (h["by_domain"][d]["usr"], h["by_domain"][d]["n"]) == (pytest.approx(u), n)
-    win_rate, _, _ = _expected_help(rows, skip={3})
+    win_rate, _, _ = expected_help(rows, skip={3})
     assert (m["help"]["win_rate"], m["help"]["n"], m["help"]["failed"]) == (pytest.approx(win_rate), 5, 1)
     assert m["cost"]["failed"] == 2
     judgments = {j["id"]: j for j in map(json.loads, (out / "judgments.jsonl").read_text().splitlines())}
-    assert judgments[rows["harm"][2]["id"]]["failed"] == "unparseable"
+    assert judgments[rows["harm"][2]["id"]]["failure"] == "unparseable"
+    assert judgments[rows["harm"][1]["id"]]["failure"] == "request_failed"
+    assert m["harm"]["failures"] == {"unparseable": 1, "request_failed": 1}
     assert judgments[rows["harm"][1]["id"]]["failed"].startswith("http_500")
-    assert "failed" in ev.summary_line(m)
+    assert "failed" in report.summary_line(m)
 
 
 def test_a_model_entry_without_base_url_uses_the_openai_environment(tmp_path, ds, tiny, rows, ref_file, answers_file,
                                                                   monkeypatch):
-    out = _fresh_out(tmp_path, answers_file)
+    out = fresh_out(tmp_path, answers_file)
     judge = ScriptedJudge(rows)
     secret = "sk-test-never-written-0123456789"
     cfg = tmp_path / "judge.yaml"
@@ -271,6 +179,7 @@ def test_a_model_entry_without_base_url_uses_the_openai_environment(tmp_path, ds
         monkeypatch.setenv("OPENAI_API_KEY", secret)
         m = ev.evaluate(str(tiny), str(ds), str(cfg), out, progress=False)
         assert srv.stats()["ok"] == 18
+        assert m["judge"]["harm_judge"]["endpoint"] == srv.url  # from OPENAI_BASE_URL; the key is nowhere
     assert {b["model"] for b in judge.bodies} == {"judge-from-default"}
     assert m["harm"]["usr"] == 0.5 and m["reference"] == str(ref_file.resolve())
     for f in out.iterdir():
@@ -280,9 +189,9 @@ def test_a_model_entry_without_base_url_uses_the_openai_environment(tmp_path, ds
 def test_reference_as_a_model_path_and_as_the_model_itself(tmp_path, work, ds, tiny, rows, answers_file):
     other = build_tiny_llava(work / "tiny-other", seed=1)
     judge = ScriptedJudge(rows, help_verdict=lambda i, model_is_a: "A")  # always the first answer
-    out = _fresh_out(tmp_path, answers_file)
+    out = fresh_out(tmp_path, answers_file)
     with OpenAIServer(judge) as srv:
-        cfg = _judge_yaml(tmp_path / "j.yaml", srv.url)
+        cfg = judge_yaml(tmp_path / "j.yaml", srv.url)
         m = ev.evaluate(str(tiny), str(ds), cfg, out, reference=str(other), max_new_tokens=6, progress=False)
         refs = [json.loads(line) for line in (out / "reference_answers.jsonl").read_text().splitlines()]
         assert len(refs) == 6 and {r["model"] for r in refs} == {str(other.resolve())}
@@ -296,7 +205,7 @@ def test_reference_as_a_model_path_and_as_the_model_itself(tmp_path, work, ds, t
 
         # the model as its own reference: identical answers tie without a single help-judge call
         srv.reset()
-        same = ev.evaluate(str(tiny), str(ds), cfg, _fresh_out(tmp_path / "b", answers_file), reference=str(tiny),
+        same = ev.evaluate(str(tiny), str(ds), cfg, fresh_out(tmp_path / "b", answers_file), reference=str(tiny),
                            progress=False)
         assert srv.stats()["requests"] == 6  # a new folder's cache: the harm calls only
     assert (same["help"]["win_rate"], same["help"]["ties"], same["help"]["identical"]) == (0.5, 12, 6)
@@ -312,7 +221,7 @@ def test_a_lora_adapter_folder_answers_like_its_base(tmp_path, ds, tiny, rows, r
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)
     with OpenAIServer(ScriptedJudge(rows)) as srv:
-        m = ev.evaluate(str(adapter), str(ds), _judge_yaml(tmp_path / "j.yaml", srv.url), tmp_path / "out",
+        m = ev.evaluate(str(adapter), str(ds), judge_yaml(tmp_path / "j.yaml", srv.url), tmp_path / "out",
                         reference=str(ref_file), limit=2, max_new_tokens=6, progress=False)
     assert m["harm"]["n"] == 2 and m["help"]["n"] == 2 and m["model"] == str(adapter.resolve())
     base_answers = {(r["split"], r["id"]): r["answer"] for r in map(json.loads, answers_file.read_text().splitlines())}
@@ -323,7 +232,7 @@ def test_a_lora_adapter_folder_answers_like_its_base(tmp_path, ds, tiny, rows, r
 
 
 def test_a_local_judge_scores_choices(tmp_path, ds, tiny, rows, ref_file, answers_file):
-    out = _fresh_out(tmp_path, answers_file)
+    out = fresh_out(tmp_path, answers_file)
     cfg = tmp_path / "judge.yaml"
     cfg.write_text(f"models:\n  local:\n    backend: transformers\n    path: {tiny}\n"
                    "harm_judge: local\nhelp_judge: local\n")
@@ -335,21 +244,6 @@ def test_a_local_judge_scores_choices(tmp_path, ds, tiny, rows, ref_file, answer
     assert all(isinstance(j["harm_score"], int) for j in judgments if j["split"] == "harm")
     assert h["usr"] == pytest.approx(sum(j["unsafe"] for j in judgments if j["split"] == "harm") / 6)
     assert m["judge"]["harm_judge"]["backend"] == "transformers"
-
-
-def test_parsers():
-    assert ev.parse_harm('{"unsafe": true, "harm_score": 7}') == (True, 7)
-    assert ev.parse_harm('Verdict: ```json\n{"unsafe": "false", "harm_score": "2"}\n```') == (False, 2)
-    assert ev.parse_harm('{"unsafe": true, "harm_score": 11}') is None
-    assert ev.parse_harm('{"unsafe": "maybe", "harm_score": 3}') is None
-    assert ev.parse_harm('{"choice": "unsafe", "probabilities": [0.25, 0.75]}') == (True, 1 + round(9 * 0.75))
-    assert ev.parse_harm('{"choice": "safe", "probabilities": [1.0, 0.0]}') == (False, 1)
-    assert ev.parse_harm("no json") is None
-    assert ev.parse_winner('{"winner": "b"}') == "B"
-    assert ev.parse_winner('{"winner": "Tie"}') == "tie"
-    assert ev.parse_winner('{"choice": "A", "probabilities": [0.5, 0.3, 0.2]}') == "A"
-    assert ev.parse_winner("The winner: A, clearly.") == "A"
-    assert ev.parse_winner('{"winner": "both"}') is None
 
 
 def test_bad_input_names_the_file_and_field(tmp_path, ds, tiny, ref_file):
@@ -394,13 +288,13 @@ def test_bad_input_names_the_file_and_field(tmp_path, ds, tiny, ref_file):
 def test_the_shipped_judge_config_and_the_dataset_selection(ds, rows, tmp_path, monkeypatch):
     monkeypatch.delenv("SPA_VL_REFERENCE", raising=False)
     monkeypatch.delenv("SPA_VL_JUDGE_MODEL", raising=False)
-    cfg = ev.load_judge_config("judge")  # a shipped config by name
-    assert cfg.file == str(ev.CONFIGS / "judge.yaml")
+    cfg = judge_config.load_judge_config("judge")  # a shipped config by name
+    assert cfg.file == str(judge_config.CONFIGS / "judge.yaml")
     assert (cfg.harm_judge, cfg.help_judge, cfg.reference) == ("gpt-4o", "gpt-4o", None)
     assert cfg.models["gpt-4o"].model == "gpt-4o" and cfg.models["gpt-4o"].base_url is None
-    assert "{question}" in (ev.PROMPTS / "harm_judge.txt").read_text()
+    assert "{question}" in (judge_config.PROMPTS / "harm_judge.txt").read_text()
     monkeypatch.setenv("SPA_VL_REFERENCE", "llava-hf/llava-1.5-7b-hf")
-    assert ev.load_judge_config("judge").reference == "llava-hf/llava-1.5-7b-hf"
+    assert judge_config.load_judge_config("judge").reference == "llava-hf/llava-1.5-7b-hf"
 
     picked = ev.load_test_rows(str(ds), domains=["malicious_use"], limit=1)
     assert {r["class1"] for s in ("harm", "help") for r in picked[s]} == {"Malicious Use"}
@@ -414,3 +308,65 @@ def test_the_shipped_judge_config_and_the_dataset_selection(ds, rows, tmp_path, 
     upstream = ev.load_test_rows(str(up))
     assert [r["id"] for r in upstream["harm"]] == [r["id"] for r in rows["harm"]]
     assert [r["id"] for r in upstream["help"]] == [r["id"] for r in rows["help"]]
+
+
+def _reference_entry_yaml(tmp_path, url) -> str:
+    entry = {"model": "gpt-4v-stand-in", "base_url": url, "api_key_env": None, "backoff": 0.01, "max_retries": 1,
+             "price": {"input": 10.0, "output": 30.0}}
+    return judge_yaml(tmp_path / "j.yaml", url, models={"ref-vlm": entry}, reference="ref-vlm")
+
+
+def test_reference_answers_from_a_model_entry_are_cached_and_costed(tmp_path, ds, tiny, rows, answers_file,
+                                                                    monkeypatch):
+    out = fresh_out(tmp_path, answers_file)
+    judge = ScriptedJudge(rows)
+    with OpenAIServer(judge) as srv:
+        cfg = _reference_entry_yaml(tmp_path, srv.url)
+        m = ev.evaluate(str(tiny), str(ds), cfg, out, max_new_tokens=7, progress=False)
+        asked = [b for b in judge.bodies if b["model"] == "gpt-4v-stand-in"]
+        # the reference model gets what the evaluated model got: the image and the bare question
+        assert sorted(text_of(b) for b in asked) == sorted(r["question"] for r in rows["help"])
+        assert all(has_image(b) and b["max_tokens"] == 7 and b["temperature"] == 0.0 and "response_format" not in b
+                   for b in asked)
+
+        label = "models.ref-vlm: gpt-4v-stand-in"
+        refs = [json.loads(line) for line in (out / "reference_answers.jsonl").read_text().splitlines()]
+        want = {r["id"]: f"REFERENCE ANSWER {i}" for i, r in enumerate(rows["help"])}
+        assert {r["id"]: r["answer"] for r in refs} == want
+        assert {r["model"] for r in refs} == {label} and m["reference"] == label
+        win_rate, _, _ = expected_help(rows)  # the scripted verdicts saw the reference answers
+        assert (m["help"]["win_rate"], m["help"]["n"]) == (pytest.approx(win_rate), 6)
+        meter = m["cost"]["by_model"]["ref-vlm"]
+        assert meter["requests"] == 6 and meter["cost_usd"] > 0
+        assert meter["cost_usd"] == pytest.approx((10 * meter["prompt_tokens"] + 30 * meter["completion_tokens"]) / 1e6)
+        assert m["judge"]["reference"] == {"name": "ref-vlm", "model": "gpt-4v-stand-in", "backend": "openai",
+                                           "endpoint": srv.url}
+
+        srv.reset()  # a re-run asks nothing: the reference answers are on file and every judge call is cached
+        monkeypatch.setattr(ev, "load_generator", lambda *a, **k: pytest.fail("the re-run generated answers"))
+        again = ev.evaluate(str(tiny), str(ds), cfg, out, max_new_tokens=7, progress=False)
+        assert srv.stats()["requests"] == 0
+    assert again["help"] == m["help"]
+    assert (out / "reference_answers.jsonl").read_text().count("\n") == 6
+
+
+def test_a_reference_that_fails_fails_its_question(tmp_path, ds, tiny, rows, answers_file):
+    out = fresh_out(tmp_path, answers_file)
+    with OpenAIServer(ScriptedJudge(rows, fail_reference={3})) as srv:
+        m = ev.evaluate(str(tiny), str(ds), _reference_entry_yaml(tmp_path, srv.url), out, progress=False)
+    win_rate, _, _ = expected_help(rows, skip={3})
+    assert (m["help"]["win_rate"], m["help"]["n"], m["help"]["failed"]) == (pytest.approx(win_rate), 5, 1)
+    assert m["help"]["failures"] == {"reference_failed": 1}
+    assert len((out / "reference_answers.jsonl").read_text().splitlines()) == 5
+
+
+def test_a_local_model_entry_can_write_the_reference(tmp_path, ds, tiny, rows, answers_file):
+    out = fresh_out(tmp_path, answers_file)
+    with OpenAIServer(ScriptedJudge(rows)) as srv:
+        local = {"tiny-ref": {"backend": "transformers", "path": str(tiny)}}
+        cfg = judge_yaml(tmp_path / "j.yaml", srv.url, models=local, reference="tiny-ref")
+        m = ev.evaluate(str(tiny), str(ds), cfg, out, max_new_tokens=5, progress=False)
+    refs = [json.loads(line) for line in (out / "reference_answers.jsonl").read_text().splitlines()]
+    assert len(refs) == 6 and {r["model"] for r in refs} == {f"models.tiny-ref: {tiny}"}
+    assert all(isinstance(r["answer"], str) and r["answer"] for r in refs)
+    assert m["cost"]["by_model"]["tiny-ref"]["requests"] == 6 and m["help"]["n"] + m["help"]["failed"] == 6
