@@ -72,7 +72,7 @@ def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, prog
                         "taxonomy": taxonomy.sha256, "units": len(records)}
         card = {"title": opts.get("title") or "SPA-VL (generated)", "description": _description(cfg)}
         with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, version=str(opts["version"]),
-                                 card=card, overwrite=overwrite) as writer:
+                                 card=card, overwrite=overwrite, inputs=(run_dir,)) as writer:
             duplicates = 0
             for r in tqdm(records, desc="build", unit="unit", disable=not progress, leave=False):
                 data = store.image_data(r["id"])
