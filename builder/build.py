@@ -17,12 +17,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.folder import DatasetFolderWriter, FolderSummary, split_for
-from builder.run_store import RunStore
+from builder.run_store import RunStore, read_run_config
 from builder.schema import row_id
 from builder.stages import QUESTION_TYPES
 from builder.taxonomy import Taxonomy
@@ -50,7 +49,7 @@ def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, prog
     run_dir = Path(run_dir)
     if not (run_dir / "run.sqlite").exists() or not (run_dir / "config.yaml").exists():
         raise DataError("not a run directory (no run.sqlite/config.yaml); run `spa-vl generate` first", file=str(run_dir))
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = read_run_config(run_dir)
     taxonomy = Taxonomy.load(cfg.get("taxonomy"))
     opts = cfg["build"]
     store = RunStore(run_dir)
