@@ -37,6 +37,7 @@ from builder.folder import (
     DatasetFolderWriter,
     FolderSummary,
     prepare_output,
+    raise_write_error,
     split_for,
     swap_into_place,
 )
@@ -271,8 +272,9 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
         (tmp / "README.md").write_text(UPSTREAM_README)
         (tmp / UPSTREAM_FIXTURE_MARK).write_text('{"written_by": "spa-vl fixture --layout upstream"}\n')
         swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_write_error(e, out)
         raise
     bar.close()
     return dict(counts)

@@ -164,13 +164,13 @@ class DatasetFolderWriter:
             for w in self._writers.values():
                 w.abort()
             shutil.rmtree(self._tmp, ignore_errors=True)
-            _raise_located(exc, self.out)
+            raise_write_error(exc, self.out)
             return
         try:
             self.summary = self._finish()
         except BaseException as e:
             shutil.rmtree(self._tmp, ignore_errors=True)
-            _raise_located(e, self.out)
+            raise_write_error(e, self.out)
             raise
 
     def _finish(self) -> FolderSummary:
@@ -424,7 +424,7 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _raise_located(e: BaseException, out: Path) -> None:
+def raise_write_error(e: BaseException, out: Path) -> None:
     """A disk error while writing (full, read-only, gone) becomes one line naming the output folder."""
     if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)):
         raise DataError(f"cannot write: {e.strerror or e}", file=str(out)) from e

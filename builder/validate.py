@@ -44,8 +44,8 @@ from builder.folder import (
     EVAL_SPLITS,
     FORMAT,
     PREFERENCE_SPLITS,
-    TEST_CONFIG,
     TAXONOMY_FILE,
+    TEST_CONFIG,
     UNATTRIBUTED,
     config_data_files,
     folder_taxonomy,
@@ -212,7 +212,8 @@ def _built_with(root: Path, check: Check) -> Taxonomy:
     try:
         return folder_taxonomy(root)
     except DataError as e:
-        check.fail(f"{TAXONOMY_FILE}: {e.message}", file=TAXONOMY_FILE, field="taxonomy")
+        check.checked += 1
+        check.fail(e.message, file=TAXONOMY_FILE, field="taxonomy")
         return Taxonomy.load()
 
 
