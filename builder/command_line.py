@@ -130,7 +130,8 @@ class Command:
         words = [f"spa-vl {self.name}"]
         positional = self.positional
         for p in positional:
-            words.append(p.name.upper() if p.required else f"[{p.name.upper()}]")
+            word = p.metavar(self.choices(p)) if self.choices(p) else p.name.upper()
+            words.append(word if p.required else f"[{word}]")
         for p in self.params:
             if p in positional:
                 continue

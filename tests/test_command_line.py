@@ -174,6 +174,11 @@ def test_help_piped_into_head_prints_no_traceback():
     assert proc.stdout.splitlines()[0].startswith("usage: spa-vl COMMAND")
     assert proc.stdout.splitlines()[1].startswith("usage: spa-vl fixture OUT")
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+    # a reader that is gone before the first write: every write meets a closed pipe
+    for line in ("--help", "publish --help", "taxonomy"):
+        gone = subprocess.run(f"'{SPA_VL}' {line} | true; echo $((PIPESTATUS[0]))", shell=True, executable="/bin/bash",
+                              capture_output=True, text=True, timeout=120)
+        assert gone.stdout.strip() == "141" and gone.stderr == "", (line, gone.stderr)
 
 
 def test_help_never_opens_a_pager_even_on_a_terminal(tmp_path):
