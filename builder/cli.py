@@ -5,7 +5,6 @@ Exit codes: 0 success, 1 a check or job failed, 2 bad usage or bad input.
 
 from __future__ import annotations
 
-import errno
 import json as _json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 import fire
 
 from builder.errors import DataError
+from builder.failures import Terminated, environment_failure, hub_failure, on_sigterm
 from builder.taxonomy import Taxonomy
 
 
@@ -417,66 +417,13 @@ class CLI:
         run_demo(Path(out))
 
 
-def _hub_failure(e: BaseException) -> str | None:
-    """A one-line message for errors of the Hub or the network, None for anything else (a bug: traceback)."""
-    from builder.hub import HubUnreachable
-
-    if isinstance(e, HubUnreachable):
-        return f"Hub unreachable: {e}"
-    try:
-        import httpx2
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(e, HfHubHTTPError):
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"Hub error: {type(e).__name__}: {first}"
-    if isinstance(e, (httpx2.TransportError, OfflineModeIsEnabled)):
-        return f"Hub unreachable: {type(e).__name__}: {e}"
-    return None
-
-
-_ERRNO_WORDS = {errno.EEXIST: "exists and is not a folder", errno.ENOTDIR: "a part of this path is a file, not a folder"}
-
-
-def _environment_failure(e: BaseException) -> str | None:
-    """One line naming the path for a disk or file-system error (read-only, full, a file where a folder
-    should be) or an unreadable sqlite database; None for anything else."""
-    import sqlite3
-
-    if isinstance(e, sqlite3.DatabaseError):
-        path = _database_path(e)
-        return f"{path or 'sqlite database'}: not a readable spa-vl run store ({e})"
-    if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)):
-        words = _ERRNO_WORDS.get(e.errno) or e.strerror or str(e) or type(e).__name__
-        return f"{e.filename}: {words}" if e.filename else words
-    return None
-
-
-def _database_path(e: BaseException) -> str | None:
-    """The file of the sqlite store that raised: the ``path`` of the innermost object that has one."""
-    import traceback
-
-    found = None
-    for frame, _ in traceback.walk_tb(e.__traceback__):
-        path = getattr(frame.f_locals.get("self"), "path", None)
-        if isinstance(path, (str, os.PathLike)) and str(path).endswith((".sqlite", ".db")):
-            found = str(path)
-    return found
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `timeout`, `kill`): unwinds like Ctrl-C, so temporary folders are removed."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> None:
     """The `spa-vl` console script: check the whole command line, then let fire call the command."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (an embedding caller): leave the signals alone
+        previous = None
     try:
         _run(argv)
     except BrokenPipeError:  # `spa-vl --help | head -1`: the reader left; say nothing more
@@ -484,13 +431,14 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(141)
     except Terminated:
-        print("spa-vl: stopped by SIGTERM; temporary files removed", file=sys.stderr)
+        print("spa-vl: stopped by SIGTERM", file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:
-        print("spa-vl: interrupted; temporary files removed", file=sys.stderr)
+        print("spa-vl: interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv: list[str]) -> None:
@@ -509,11 +457,11 @@ def _run(argv: list[str]) -> None:
         print(f"spa-vl: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # the Hub or the network: exit 1 (the job failed); the disk: exit 2
-        message = _hub_failure(e)
+        message = hub_failure(e)
         if message is not None:
             print(f"spa-vl: {message}", file=sys.stderr)
             sys.exit(1)
-        message = _environment_failure(e)
+        message = environment_failure(e)
         if message is None:
             raise
         print(f"spa-vl: error: {message}", file=sys.stderr)

@@ -299,3 +299,15 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     err = _main(["build", runs, tmp_path / "out"], capsys)
     assert f"{runs}: not a run directory" in err
     assert runs.read_text() == "not a folder"
+
+
+def test_an_upstream_fixture_written_before_the_mark_can_still_be_replaced(tmp_path):
+    out = tmp_path / "up"
+    write_fixture(out, rows_per_domain=3, eval_rows=1, layout="upstream", progress=False)
+    (out / ".spa_vl_fixture.json").unlink()  # as `make demo` left demo_out/upstream before the mark existed
+    assert prepare_output(out, kind="upstream-fixture", overwrite=True) == out
+    (out / "README.md").write_text("# my own notes\n")
+    from builder.errors import DataError
+
+    with pytest.raises(DataError, match="replaces only"):
+        prepare_output(out, kind="upstream-fixture", overwrite=True)
