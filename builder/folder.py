@@ -323,8 +323,8 @@ _UPSTREAM_FIXTURE_README = "Written by `spa-vl fixture --layout upstream`"  # fi
 
 def prepare_output(out: str | Path, *, kind: str = "dataset", inputs=(), overwrite: bool = False,
                    resumable: dict | None = None) -> Path:
-    """Refuse, before anything is written, to write ``out`` where that would lose data; then sweep the
-    temporary folders of dead runs beside it.
+    """Sweep what dead runs left beside ``out`` (see ``sweep_stale``), then refuse, before anything is
+    written, to write ``out`` where that would lose data.
 
     ``out`` may be absent or an empty folder. Anything else needs ``overwrite`` and must be a folder
     spa-vl wrote, of ``kind`` (see ``OUTPUT_KINDS``), that neither is nor holds nor sits inside one of
