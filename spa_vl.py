@@ -4,9 +4,9 @@ A `datasets` builder for the spa-vl dataset folder (see the project README), mod
 `datasets`' packaged parquet builder: it streams Arrow record batches straight from the parquet
 shards of the requested config, from a local folder or a Hub dataset repo at a pinned revision.
 
-Configs: ``default`` (train + validation, all domains), one per harm domain
-(``representation_toxicity``, ``misinformation``, ``information_safety``, ``malicious_use``,
-``human_autonomy_integrity``, ``socioeconomic``; train + validation), and ``test`` (harm + help).
+Configs: ``default`` (train + validation, all domains), one per harm domain (train + validation), and
+``test`` (harm + help). The domains are those of the folder's own ``taxonomy.yaml`` (the taxonomy it
+was built with); a folder written before folders carried one has the shipped six (``DOMAINS``).
 
 Use it three ways::
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from glob import glob
 from typing import Any, Optional, Union
@@ -42,6 +43,15 @@ try:  # datasets >= 4 keys batches with Key; older versions take any hashable ke
     from datasets.builder import Key as _Key
 except ImportError:  # pragma: no cover - depends on the installed datasets
     _Key = None
+
+try:  # the project's error type (file, row, field) when spa-vl is installed
+    from builder.errors import DataError
+except ImportError:  # pragma: no cover - this file copied alone: the same shape, the field only
+
+    class DataError(ValueError):
+        def __init__(self, message: str, *, file=None, row=None, field=None):
+            self.message, self.file, self.row, self.field = message, file, row, field
+            super().__init__(f"field {field}: {message}" if field else message)
 
 _DESCRIPTION = "SPA-VL (arXiv 2406.12030): (image, question, chosen, rejected) safety preference pairs, per harm domain."
 _CITATION = """@inproceedings{zhang2025spavl,
@@ -63,6 +73,8 @@ DOMAINS = {
 PREFERENCE_SPLITS = ("train", "validation")
 EVAL_SPLITS = ("harm", "help")
 SOURCE_ENV = "SPA_VL_SOURCE"  # where `load` looks when no source is given
+TAXONOMY_FILE = "taxonomy.yaml"  # the taxonomy a dataset folder was built with
+_SLUG = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def config_files(config: str) -> dict[str, str]:
@@ -124,8 +136,9 @@ class SpaVLConfig(datasets.BuilderConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.name not in ("default", "test", *DOMAINS):
-            raise ValueError(f"unknown config {self.name!r}; choose from default, test, {', '.join(DOMAINS)}")
+        if self.name not in ("default", "test") and not _SLUG.fullmatch(self.name or ""):
+            raise ValueError(f"unknown config {self.name!r}: a config is default, test or a domain slug "
+                             f"such as {next(iter(DOMAINS))}")
         if self.columns is not None and self.filters is not None:
             missing = _filter_columns(self.filters) - set(self.columns)
             if missing:
@@ -166,6 +179,11 @@ class SpaVL(datasets.ArrowBasedBuilder):
             where = source
         else:
             files, where = _hub_files(source, self.config.revision, patterns)
+        if self.config.name not in ("default", "test"):
+            known = domains(where)
+            if self.config.name not in known:
+                raise ValueError(f"unknown config {self.config.name!r}: {where} has default, "
+                                 f"{', '.join(known)} and test")
         files = {split: found for split, found in files.items() if found}  # an empty split has no files
         if not files:
             raise FileNotFoundError(
@@ -189,6 +207,7 @@ class SpaVL(datasets.ArrowBasedBuilder):
                     raise ValueError(f"unknown columns {unknown}; the data has {list(features)}")
                 features = datasets.Features({c: features[c] for c in self.config.columns})
             self.info.features = features
+        _check_filter_columns(self.config.filters, self.info.features)
         return [datasets.SplitGenerator(name=split, gen_kwargs={"files": fs}) for split, fs in files.items()]
 
     # --- reading -----------------------------------------------------------------------------
@@ -212,6 +231,36 @@ class SpaVL(datasets.ArrowBasedBuilder):
                         yield key, pa.Table.from_batches([batch]).cast(schema)
                 except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
                     raise ValueError(f"{file}: cannot read as a spa-vl shard: {e}") from None
+
+
+def domains(where: str) -> dict[str, str]:
+    """Domain config slug -> class1 label of the dataset at ``where`` (a folder, or ``hf://datasets/REPO@SHA``),
+    from its ``taxonomy.yaml``; the shipped ``DOMAINS`` for a folder written before folders carried one."""
+    import yaml
+
+    path = f"{where}/{TAXONOMY_FILE}"
+    try:
+        if where.startswith("hf://"):
+            from huggingface_hub import HfFileSystem
+
+            with HfFileSystem().open(path[len("hf://"):], "r", encoding="utf-8") as f:
+                text = f.read()
+        else:
+            with open(os.path.join(where, TAXONOMY_FILE), encoding="utf-8") as f:
+                text = f.read()
+    except FileNotFoundError:
+        return dict(DOMAINS)
+    try:
+        return {d["slug"]: d["label"] for d in yaml.safe_load(text)["domains"]}
+    except (yaml.YAMLError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a spa-vl taxonomy ({type(e).__name__}: {e})") from None
+
+
+def _check_filter_columns(filters: Filters, features: datasets.Features) -> None:
+    """A filter on a column the data does not have names that column (pyarrow would name the whole schema)."""
+    for column in sorted(_filter_columns(filters)):
+        if column not in features:
+            raise DataError(f"unknown filter column {column!r}; the data has {', '.join(features)}", field=column)
 
 
 def _hub_files(repo_id: str, revision: Optional[str], patterns: dict[str, str]) -> tuple[dict[str, list[str]], str]:
@@ -284,13 +333,33 @@ def load(
         kwargs["data_fingerprint"] = _fingerprint(source, revision)
         if not os.path.isdir(source):
             kwargs["revision"] = kwargs["data_fingerprint"]
-    builder = SpaVL(config_name=config, cache_dir=cache_dir, **kwargs)
+    builder_class = SpaVL
+    if config not in {c.name for c in SpaVL.BUILDER_CONFIGS}:  # a domain of the folder's own taxonomy
+        builder_class = type("SpaVL", (SpaVL,), {"BUILDER_CONFIGS": [*SpaVL.BUILDER_CONFIGS, SpaVLConfig(name=config)]})
+    builder = builder_class(config_name=config, cache_dir=cache_dir, **kwargs)
     if keep_in_memory and not streaming:
         return _load_in_memory(builder, split)
     if streaming:
         return builder.as_streaming_dataset(split=split)
     builder.download_and_prepare()
-    return builder.as_dataset(split=split)
+    return _prepared(builder, split)
+
+
+def _prepared(builder: SpaVL, split: Optional[str]):
+    """``builder.as_dataset``, except that a split with no rows (a filter that matches nothing) is an empty
+    ``Dataset`` with the config's features, as streaming and ``keep_in_memory`` give, not an error."""
+    from datasets.table import InMemoryTable
+
+    names = list(builder.info.splits) if split is None else [split]
+    out = {}
+    for name in names:
+        info = builder.info.splits.get(name)
+        if info is not None and info.num_examples == 0:
+            table = builder.info.features.arrow_schema.empty_table()
+            out[name] = datasets.Dataset(InMemoryTable(table), info=builder.info.copy(), split=datasets.NamedSplit(name))
+        else:
+            out[name] = builder.as_dataset(split=name)  # `datasets` names an unknown split
+    return out[split] if split is not None else datasets.DatasetDict(out)
 
 
 def _load_in_memory(builder: SpaVL, split: Optional[str]):
@@ -312,6 +381,7 @@ def _load_in_memory(builder: SpaVL, split: Optional[str]):
         if split is not None and name != split:
             continue
         scan = ds.dataset(paths, format="parquet", filesystem=filesystem)
+        _check_filter_columns(cfg.filters, datasets.Features.from_arrow_schema(scan.schema))
         table = scan.to_table(columns=cfg.columns, filter=filters_to_expression(cfg.filters))
         features = datasets.Features.from_arrow_schema(scan.schema)
         if cfg.columns is not None:

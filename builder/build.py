@@ -17,12 +17,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import yaml
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.folder import DatasetFolderWriter, FolderSummary, split_for
-from builder.run_store import RunStore
+from builder.run_store import RunStore, read_run_config
 from builder.schema import row_id
 from builder.stages import QUESTION_TYPES
 from builder.taxonomy import Taxonomy
@@ -50,7 +49,7 @@ def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, prog
     run_dir = Path(run_dir)
     if not (run_dir / "run.sqlite").exists() or not (run_dir / "config.yaml").exists():
         raise DataError("not a run directory (no run.sqlite/config.yaml); run `spa-vl generate` first", file=str(run_dir))
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = read_run_config(run_dir)
     taxonomy = Taxonomy.load(cfg.get("taxonomy"))
     opts = cfg["build"]
     store = RunStore(run_dir)
@@ -72,7 +71,7 @@ def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, prog
                         "taxonomy": taxonomy.sha256, "units": len(records)}
         card = {"title": opts.get("title") or "SPA-VL (generated)", "description": _description(cfg)}
         with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, version=str(opts["version"]),
-                                 card=card, overwrite=overwrite) as writer:
+                                 card=card, overwrite=overwrite, inputs=(run_dir,)) as writer:
             duplicates = 0
             for r in tqdm(records, desc="build", unit="unit", disable=not progress, leave=False):
                 data = store.image_data(r["id"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json as _json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import fire
 
 from builder.errors import DataError
+from builder.failures import Terminated, environment_failure, hub_failure, on_sigterm
 from builder.taxonomy import Taxonomy
 
 
@@ -193,7 +195,8 @@ class CLI:
         Checks (each counted, with the first offending file/row/field): manifest checksums, bytes and
         rows; schema; labels inside the taxonomy and matching their folder; images decode within pixel and
         byte limits; no empty text; chosen != rejected; duplicate rows; the same image in two splits;
-        the card's dataset_info counts; every config loads with `datasets`.
+        the card's dataset_info counts; every config loads with `datasets`. Labels are checked against the
+        taxonomy the folder carries (DIR/taxonomy.yaml, written by the command that built it).
 
         Example:
           spa-vl validate out/spa_vl
@@ -228,9 +231,12 @@ class CLI:
           dir: the dataset folder.
           repo_id: the Hub repo the card's examples load from (remembered in manifest.json).
         """
+        from builder.folder import folder_taxonomy
         from dataset_card.card import render_folder_card
 
-        result = render_folder_card(dir, repo_id=repo_id)
+        if not Path(dir).is_dir():
+            raise DataError("no such dataset folder", file=dir)
+        result = render_folder_card(dir, repo_id=repo_id, taxonomy=folder_taxonomy(dir))
         changed = ", ".join(result.changed) if result.changed else "nothing (already up to date)"
         print(f"card: {len(result.files)} files rendered, changed: {changed}")
 
@@ -264,14 +270,15 @@ class CLI:
         """Publish a validated folder to the Hub: one commit for the version, then the tag vX.Y.Z.
 
         Refuses (exit 1) unless `spa-vl validate` passes and the tag does not exist yet. Creates the
-        repo if needed, private and gated by default (--noprivate / --nogated to change). Faults are
+        repo if needed, private and gated by default (--no-private / --no-gated to change). Faults are
         retried; re-running after a crash finishes the same version without a second commit or tag.
-        The token comes from HF_TOKEN or `hf auth login` and is never printed.
+        The token comes from HF_TOKEN or `hf auth login` and is never printed. --dry_run exits 1 when
+        the real publish would refuse or the Hub could not be read.
 
         Example:
           spa-vl publish out/spa_vl my-org/SPA-VL --dry_run
           HF_TOKEN=hf_... spa-vl publish out/spa_vl my-org/SPA-VL
-          spa-vl publish out/spa_vl my-org/SPA-VL --noprivate --nogated
+          spa-vl publish out/spa_vl my-org/SPA-VL --no-private --no-gated
 
         Args:
           dir: the dataset folder.
@@ -291,6 +298,10 @@ class CLI:
             print(f"spa-vl publish: refused: {e}", file=sys.stderr)
             sys.exit(1)
         if dry_run:
+            if result.repo_exists is None:
+                print(f"spa-vl publish: the Hub could not be read ({result.note}); the plan is incomplete",
+                      file=sys.stderr)
+                sys.exit(1)
             if result.refusal:
                 sys.exit(1)  # the plan says the real publish would refuse
             return
@@ -298,6 +309,8 @@ class CLI:
 
     def pull(self, repo_id: str, out: str, revision: str | None = None, overwrite: bool = False):
         """Download a published version and verify every file against its manifest.json checksums.
+
+        Exit 1 when the Hub cannot be reached (nothing is written) or a file does not match.
 
         Example:
           spa-vl pull my-org/SPA-VL copy --revision v0.2.0
@@ -307,7 +320,7 @@ class CLI:
           repo_id: namespace/name of the dataset repo.
           out: the folder to write (must be empty or absent unless --overwrite).
           revision: a tag such as v0.2.0, a branch or a commit (default: main).
-          overwrite: replace an existing folder.
+          overwrite: replace an existing spa-vl dataset folder (nothing else).
         """
         from builder.hub import VerifyFailed, pull
 
@@ -486,39 +499,64 @@ class CLI:
         run_demo(Path(out))
 
 
-def _hub_failure(e: BaseException) -> str | None:
-    """A one-line message for errors of the Hub or the network, None for anything else (a bug: traceback)."""
-    from builder.hub import HubUnreachable
-
-    if isinstance(e, HubUnreachable):
-        return f"Hub unreachable: {e}"
-    try:
-        import httpx2
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(e, HfHubHTTPError):
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"Hub error: {type(e).__name__}: {first}"
-    if isinstance(e, (httpx2.TransportError, OfflineModeIsEnabled)):
-        return f"Hub unreachable: {type(e).__name__}: {e}"
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
+    """The `spa-vl` console script: check the whole command line, then let fire call the command."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        fire.Fire(CLI, command=argv, name="spa-vl")
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (an embedding caller): leave the signals alone
+        previous = None
+    try:
+        _run(argv)
+    except BrokenPipeError:  # `spa-vl --help | head -1`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)
+    except Terminated:
+        print("spa-vl: stopped by SIGTERM", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("spa-vl: interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str]) -> None:
+    from builder import command_line
+
+    try:
+        if argv and argv[0] == "--version":
+            print(f"spa-vl {_version()}")
+            return
+        command, values, extra = command_line.check(CLI, argv)
+        fire.Fire(CLI, command=command.fire_argv(values, extra), name="spa-vl")
+    except command_line.HelpRequested as h:
+        sys.stdout.write(h.command.help_text() if h.command else command_line.overview(CLI))
+        sys.stdout.flush()
     except DataError as e:
         print(f"spa-vl: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:  # Hub answers and network failures: one line, exit 1 (the job failed)
-        message = _hub_failure(e)
+    except Exception as e:  # the Hub or the network: exit 1 (the job failed); the disk: exit 2
+        message = hub_failure(e)
+        if message is not None:
+            print(f"spa-vl: {message}", file=sys.stderr)
+            sys.exit(1)
+        message = environment_failure(e)
         if message is None:
             raise
-        print(f"spa-vl: {message}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        print(f"spa-vl: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spa-vl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.folder import (
+    UPSTREAM_FIXTURE_MARK,
     DatasetFolderWriter,
     FolderSummary,
+    prepare_output,
+    raise_write_error,
     split_for,
     swap_into_place,
 )
@@ -233,8 +236,7 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
 
     Like upstream, image names restart at 0 in every subcategory folder, so a bare name is ambiguous.
     """
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError("output folder exists and is not empty; pass --overwrite to replace it", file=str(out))
+    prepare_output(out, kind="upstream-fixture", inputs=(taxonomy.source,), overwrite=overwrite)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -268,9 +270,11 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
                     counts[split] += 1
                     bar.update(1)
         (tmp / "README.md").write_text(UPSTREAM_README)
+        (tmp / UPSTREAM_FIXTURE_MARK).write_text('{"written_by": "spa-vl fixture --layout upstream"}\n')
         swap_into_place(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_write_error(e, out)
         raise
     bar.close()
     return dict(counts)

@@ -4,10 +4,13 @@
     <root>/data/<domain>/{train,validation}-0000K-of-0000N.parquet
     <root>/data/test/{harm,help}-0000K-of-0000N.parquet
     <root>/manifest.json                     every file's sha256, bytes, rows; version; build config hash
+    <root>/taxonomy.yaml                     the taxonomy the folder was built with (its labels' meaning)
 
 ``DatasetFolderWriter`` builds it from rows in any order. Every row passes ``check_row`` first; the
 folder is assembled in a temporary sibling and renamed into place only when complete, so bad input
-leaves no output folder behind::
+leaves no output folder behind. ``prepare_output`` is the one guard every command that writes a folder
+calls first: it replaces only a folder spa-vl wrote, of the same kind, that is not an input, and it
+sweeps what dead runs left beside ``OUT``::
 
     with DatasetFolderWriter("out/spa_vl", build_config={"source": "fixture"}) as w:
         w.add(row, "train")
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +49,9 @@ CHANGELOG = "CHANGELOG.md"
 HISTORY_DIR = ".spa_vl"  # local history (released row ids); never published
 UNATTRIBUTED = "unattributed"  # train rows without labels: in `default` only, never in a domain config
 REVIEW_DIR = "review"  # people's verdicts on the judge (`spa-vl review`): published, not in the manifest, kept on rebuild
+TAXONOMY_FILE = "taxonomy.yaml"  # the taxonomy the folder was built with; published with it
+UPSTREAM_FIXTURE_MARK = ".spa_vl_fixture.json"  # in a folder `spa-vl fixture --layout upstream` wrote
+PARTIAL_MARK = ".spa_vl_pull.json"  # in `.OUT.partial`: the pull (repo, revision, pid) it holds
 
 
 def config_data_files(domain_slugs: list[str]) -> dict[str, dict[str, str]]:
@@ -92,10 +99,12 @@ class DatasetFolderWriter:
         version: str = "0.1.0",
         card: dict | None = None,
         overwrite: bool = False,
+        inputs: tuple = (),
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
         decode: str | None = "header",
     ):
+        """``inputs``: the paths the rows come from; ``--overwrite`` never replaces a folder that holds one."""
         self.out = Path(out)
         self.taxonomy = taxonomy or Taxonomy.load()
         self.build_config = build_config or {}
@@ -103,8 +112,7 @@ class DatasetFolderWriter:
         self.card = card or {}
         self.decode = decode
         self._shard_opts = {"max_shard_bytes": max_shard_bytes, "row_group_rows": row_group_rows}
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
-            raise DataError("output folder exists and is not empty; pass --overwrite to replace it", file=str(out))
+        prepare_output(self.out, kind="dataset", inputs=(*inputs, self.taxonomy.source), overwrite=overwrite)
         self._tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
         previous = _existing_version(self.out)
         if previous and previous > parse_version(self.version):
@@ -146,7 +154,10 @@ class DatasetFolderWriter:
     def __enter__(self) -> "DatasetFolderWriter":
         if self._tmp.exists():
             shutil.rmtree(self._tmp)
-        self._tmp.mkdir(parents=True)
+        try:
+            self._tmp.mkdir(parents=True)
+        except OSError as e:
+            raise DataError(f"cannot create the output folder: {e.strerror or e}", file=str(self.out)) from None
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -154,11 +165,13 @@ class DatasetFolderWriter:
             for w in self._writers.values():
                 w.abort()
             shutil.rmtree(self._tmp, ignore_errors=True)
+            raise_write_error(exc, self.out)
             return
         try:
             self.summary = self._finish()
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            raise_write_error(e, self.out)
             raise
 
     def _finish(self) -> FolderSummary:
@@ -176,9 +189,10 @@ class DatasetFolderWriter:
             "build_config_hash": build_config_hash(self.build_config),
             "build_config": self.build_config,
             "card": self.card,
-            "taxonomy": {"name": self.taxonomy.name, "sha256": self.taxonomy.sha256},
+            "taxonomy": {"name": self.taxonomy.name, "sha256": self.taxonomy.sha256, "file": TAXONOMY_FILE},
             "files": dict(sorted(files.items())),
         }
+        self._write_taxonomy()
         (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         self._carry_over_history()
 
@@ -199,6 +213,13 @@ class DatasetFolderWriter:
         render_folder_card(self._tmp, taxonomy=self.taxonomy)
         swap_into_place(self._tmp, self.out)
         return summary
+
+    def _write_taxonomy(self) -> None:
+        """The taxonomy's file byte for byte, so that its sha256 is the manifest's."""
+        data = Path(self.taxonomy.source).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.taxonomy.sha256:
+            raise DataError("the taxonomy file changed while the folder was written", file=self.taxonomy.source)
+        (self._tmp / TAXONOMY_FILE).write_bytes(data)
 
     def _carry_over_history(self) -> None:
         """Rebuilding over a folder keeps its history: ``CHANGELOG.md``, the released row ids under
@@ -270,3 +291,141 @@ def read_manifest(root: str | Path) -> dict:
         raise DataError("not a spa-vl dataset folder: manifest.json missing", file=str(path)) from None
     except json.JSONDecodeError as e:
         raise DataError(f"manifest is not valid JSON: {e}", file=str(path)) from None
+
+
+def folder_taxonomy(root: str | Path, manifest: dict | None = None) -> Taxonomy:
+    """The taxonomy a folder was built with: its ``taxonomy.yaml``, which must be the file the manifest
+    names (same sha256). A folder written before folders carried their taxonomy gets the shipped one."""
+    root = Path(root)
+    path = root / TAXONOMY_FILE
+    if not path.is_file():
+        return Taxonomy.load()
+    taxonomy = Taxonomy.load(path)
+    if manifest is None:
+        try:
+            manifest = read_manifest(root)
+        except DataError:
+            manifest = {}  # the command that reads the manifest reports it
+    recorded = manifest.get("taxonomy") if isinstance(manifest, dict) else None
+    if isinstance(recorded, dict) and recorded.get("sha256") not in (None, taxonomy.sha256):
+        raise DataError(f"differs from the taxonomy the folder was built with (sha256 {str(recorded['sha256'])[:12]} "
+                        f"in manifest.json, {taxonomy.sha256[:12]} on disk); restore it or rebuild the folder",
+                        file=str(path), field="taxonomy")
+    return taxonomy
+
+
+# --- writing OUT safely -----------------------------------------------------------------------------
+OUTPUT_KINDS = {  # kind → what --overwrite may replace, in words
+    "dataset": "a spa-vl dataset folder (manifest.json with format " + FORMAT + ")",
+    "upstream-fixture": f"a folder `spa-vl fixture --layout upstream` wrote ({UPSTREAM_FIXTURE_MARK})",
+}
+_UPSTREAM_FIXTURE_README = "Written by `spa-vl fixture --layout upstream`"  # fixtures written before the mark
+
+
+def prepare_output(out: str | Path, *, kind: str = "dataset", inputs=(), overwrite: bool = False,
+                   resumable: dict | None = None) -> Path:
+    """Sweep what dead runs left beside ``out`` (see ``sweep_stale``), then refuse, before anything is
+    written, to write ``out`` where that would lose data.
+
+    ``out`` may be absent or an empty folder. Anything else needs ``overwrite`` and must be a folder
+    spa-vl wrote, of ``kind`` (see ``OUTPUT_KINDS``), that neither is nor holds nor sits inside one of
+    ``inputs`` (real paths compared; inputs that do not exist, such as Hub repo ids, are ignored).
+    ``resumable``: the mark of a pull that may resume in ``.OUT.partial`` (kept by the sweep).
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}")
+    out = Path(out)
+    sweep_stale(out, resumable=resumable)  # first: it may restore OUT itself, which the checks below then guard
+    if out.exists() and not out.is_dir():
+        raise DataError("output path exists and is not a folder; name a folder", file=str(out))
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise DataError("output folder exists and is not empty; pass --overwrite to replace it (only a folder "
+                            "spa-vl wrote can be replaced)", file=str(out))
+        if not _is_kind(out, kind):
+            raise DataError(f"--overwrite replaces only {OUTPUT_KINDS[kind]}, and this is not one: nothing was "
+                            "changed; name another output folder, or move this one away yourself", file=str(out))
+        real_out = os.path.realpath(out)
+        for item in inputs:
+            if item is None or not os.path.exists(item):
+                continue
+            real_in = os.path.realpath(item)
+            if real_in == real_out or _inside(real_in, real_out) or _inside(real_out, real_in):
+                where = "is" if real_in == real_out else "is inside" if _inside(real_in, real_out) else "holds"
+                raise DataError(f"--overwrite would delete an input: {item} {where} the output folder; nothing was "
+                                "changed; write to another folder", file=str(out))
+    return out
+
+
+def _is_kind(root: Path, kind: str) -> bool:
+    if kind == "dataset":
+        try:
+            manifest = json.loads((root / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    if (root / UPSTREAM_FIXTURE_MARK).is_file():
+        return True
+    try:
+        return _UPSTREAM_FIXTURE_README in (root / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder and path != folder
+
+
+def sweep_stale(out: str | Path, *, resumable: dict | None = None) -> list[Path]:
+    """Remove what killed runs left beside ``out``: ``.OUT.tmp-PID`` and ``.OUT.old-PID`` folders of dead
+    processes, and a ``.OUT.partial`` whose pull is dead (unless it is the one ``resumable`` names).
+
+    Only our names with a dead PID are touched. An ``.old-PID`` with no ``OUT`` is the user's previous folder
+    (the run died between the two renames of ``swap_into_place``): it is renamed back, not removed.
+    Returns the paths removed or restored.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    debris = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    swept = []
+    for path in sorted(out.parent.iterdir()):
+        m = debris.fullmatch(path.name)
+        if m and path.is_dir() and not path.is_symlink() and not process_alive(int(m[2])):
+            if m[1] == "old" and not os.path.lexists(out):
+                os.replace(path, out)
+            else:
+                shutil.rmtree(path)
+            swept.append(path)
+        elif path.name == f".{out.name}.partial" and path.is_dir() and not path.is_symlink():
+            try:
+                mark = json.loads((path / PARTIAL_MARK).read_text())
+            except (OSError, ValueError):
+                continue  # no mark of ours: not ours to remove
+            pid = mark.get("pid") if isinstance(mark, dict) else None
+            if isinstance(pid, int) and process_alive(pid):
+                continue
+            if resumable is not None and {k: mark.get(k) for k in resumable} == resumable:
+                continue
+            shutil.rmtree(path)
+            swept.append(path)
+    return swept
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs (another user's counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def raise_write_error(e: BaseException, out: Path) -> None:
+    """A disk error while writing (full, read-only, gone) becomes one line naming the output folder."""
+    if isinstance(e, OSError) and not isinstance(e, (ConnectionError, TimeoutError)):
+        raise DataError(f"cannot write: {e.strerror or e}", file=str(out)) from e

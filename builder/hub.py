@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -28,7 +29,17 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import DataError
-from builder.folder import CHANGELOG, parse_version, read_manifest, swap_into_place
+from builder.folder import (
+    CHANGELOG,
+    PARTIAL_MARK,
+    TAXONOMY_FILE,
+    folder_taxonomy,
+    parse_version,
+    prepare_output,
+    process_alive,
+    read_manifest,
+    swap_into_place,
+)
 from builder.shards import file_sha256
 
 REPO_TYPE = "dataset"
@@ -121,15 +132,16 @@ class PublishResult:
 
 # --- the folder's files --------------------------------------------------------------------------
 def publishable_files(root: str | Path) -> list[LocalFile]:
-    """README.md, CHANGELOG.md, manifest.json, every file the manifest lists, and the card's plots.
+    """README.md, CHANGELOG.md, manifest.json, taxonomy.yaml, every file the manifest lists, and the card's plots.
 
     Anything else in the folder (``.spa_vl/`` history, editor files) stays local.
     """
     root = Path(root)
     manifest = read_manifest(root)
     paths = ["README.md", "manifest.json", *manifest.get("files", {})]
-    if (root / CHANGELOG).is_file():
-        paths.append(CHANGELOG)
+    for name in (CHANGELOG, TAXONOMY_FILE):
+        if (root / name).is_file():
+            paths.append(name)
     for d in PUBLISHED_DIRS:
         paths += [p.relative_to(root).as_posix() for p in sorted((root / d).glob("*")) if p.is_file()]
     out = []
@@ -237,7 +249,8 @@ def publish(
 
         from dataset_card.card import render_folder_card
 
-        render_folder_card(root, repo_id=repo_id)  # the card's load examples name this repo and version
+        # the card's load examples name this repo and version
+        render_folder_card(root, repo_id=repo_id, taxonomy=folder_taxonomy(root))
         plan.files = publishable_files(root)
         _diff(plan)
 
@@ -415,14 +428,14 @@ def _tag(api, repo_id: str, tag: str, commit: str, retries: int, backoff: float,
     _retry(create, retries, backoff, log, f"tag {tag}")
 
 
-def _retry(fn, retries: int, backoff: float, log, what: str):
+def _retry(fn, retries: int, backoff: float, log, what: str, command: str = "publish"):
     for attempt in range(1, retries + 2):
         try:
             return fn()
         except Exception as e:  # noqa: BLE001
             if not _transient(e) or attempt > retries:
                 raise
-            log(f"publish: {what} attempt {attempt} failed ({_short(e)}); retrying")
+            log(f"{command}: {what} attempt {attempt} failed ({_short(e)}); retrying")
             _sleep(backoff, attempt)
 
 
@@ -500,43 +513,34 @@ class VerifyFailed(Exception):
     """A pulled file does not match manifest.json: exit code 1 (a failed check)."""
 
 
-PULL_MARK = ".spa_vl_pull.json"  # in the partial folder: which repo and revision it holds
-
-
 def pull(repo_id: str, out: str | Path, *, revision: str | None = None, overwrite: bool = False,
-         token: str | None = None) -> PullResult:
+         token: str | None = None, retries: int = 2, backoff: float = 1.0,
+         log: Callable[[str], None] | None = None) -> PullResult:
     """Download a version with ``snapshot_download`` and verify every file against ``manifest.json``.
 
-    Files land in ``.OUT.partial`` first (a re-run for the same repo and revision resumes there; another
-    one starts afresh) and are renamed to ``OUT`` only once every checksum matches; a mismatch leaves
-    ``OUT`` untouched and raises ``VerifyFailed``. Files that are not part of the dataset folder (the
-    Hub's ``.gitattributes``, leftovers) are not kept.
+    The revision is first resolved to its commit (so every file comes from one commit); a Hub that cannot
+    be reached raises ``HubUnreachable`` before anything is written. Files land in ``.OUT.partial`` first
+    (a re-run for the same repo and revision resumes there; another one starts afresh) and are renamed to
+    ``OUT`` only once every checksum matches; a mismatch leaves ``OUT`` untouched and raises
+    ``VerifyFailed``. Files that are not part of the dataset folder (the Hub's ``.gitattributes``,
+    leftovers) are not kept. ``--overwrite`` replaces only a spa-vl dataset folder.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.monotonic()
     _check_repo_id(repo_id)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError("output path exists and is not a folder", file=str(out))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError("output folder exists and is not empty; pass --overwrite to replace it", file=str(out))
-    partial = out.parent / f".{out.name}.partial"
     mark = {"repo_id": repo_id, "revision": revision}
-    if partial.exists():
-        try:
-            same = json.loads((partial / PULL_MARK).read_text()) == mark
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    (partial / PULL_MARK).write_text(json.dumps(mark))
+    prepare_output(out, kind="dataset", overwrite=overwrite, resumable=mark)
+    partial = out.parent / f".{out.name}.partial"
     with hub_timeouts():
-        snapshot_download(repo_id, repo_type=REPO_TYPE, revision=revision, local_dir=partial, token=token)
+        commit = _resolve_commit(HfApi(token=token), repo_id, revision, retries, backoff, log)
+        _claim_partial(partial, mark)
+        snapshot_download(repo_id, repo_type=REPO_TYPE, revision=commit, local_dir=partial, token=token)
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # snapshot_download's resume metadata
     manifest = verify_manifest(partial)
-    keep = {"README.md", CHANGELOG, "manifest.json", *manifest.get("files", {})}
+    keep = {"README.md", CHANGELOG, TAXONOMY_FILE, "manifest.json", *manifest.get("files", {})}
     for p in sorted(partial.rglob("*")):
         rel = p.relative_to(partial).as_posix()
         if p.is_file() and rel not in keep and not (rel.split("/")[0] in PUBLISHED_DIRS and rel.count("/") == 1):
@@ -545,6 +549,37 @@ def pull(repo_id: str, out: str | Path, *, revision: str | None = None, overwrit
     out.parent.mkdir(parents=True, exist_ok=True)
     swap_into_place(partial, out)
     return PullResult(repo_id, revision, out, str(manifest.get("version")), len(sizes), sum(sizes), time.monotonic() - t0)
+
+
+def _resolve_commit(api, repo_id: str, revision: str | None, retries: int, backoff: float, log) -> str:
+    """The commit ``revision`` points at; ``HubUnreachable`` when the Hub does not answer."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        return _retry(lambda: api.dataset_info(repo_id, revision=revision).sha, retries, backoff, log,
+                      "read the repo", command="pull")
+    except Exception as e:  # noqa: BLE001 - classified below
+        if _transient(e) or isinstance(e, OfflineModeIsEnabled):
+            raise HubUnreachable(f"the Hub could not be reached at {constants.ENDPOINT} ({_short(e)}); nothing was "
+                                 "written") from e
+        raise
+
+
+def _claim_partial(partial: Path, mark: dict) -> None:
+    """Make ``.OUT.partial`` this pull's: resume one of the same repo and revision, start afresh otherwise."""
+    if partial.exists():
+        try:
+            held = json.loads((partial / PARTIAL_MARK).read_text())
+        except (OSError, ValueError):
+            held = None
+        pid = held.get("pid") if isinstance(held, dict) else None
+        if isinstance(pid, int) and pid != os.getpid() and process_alive(pid):
+            raise DataError(f"another pull (pid {held['pid']}) is writing here; wait for it to finish", file=str(partial))
+        if not isinstance(held, dict) or {k: held.get(k) for k in mark} != mark:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / PARTIAL_MARK).write_text(json.dumps({**mark, "pid": os.getpid()}))
 
 
 def verify_manifest(root: str | Path) -> dict:
@@ -559,4 +594,11 @@ def verify_manifest(root: str | Path) -> dict:
             raise VerifyFailed(f"{rel}: field bytes: {path.stat().st_size:,} bytes, manifest says {entry.get('bytes'):,}")
         if file_sha256(path) != entry.get("sha256"):
             raise VerifyFailed(f"{rel}: field sha256: sha256 differs from manifest.json")
+    taxonomy = manifest.get("taxonomy")
+    if isinstance(taxonomy, dict) and taxonomy.get("file"):  # folders that carry their taxonomy
+        path = root / str(taxonomy["file"])
+        if not path.is_file():
+            raise VerifyFailed(f"{taxonomy['file']}: named in manifest.json but missing")
+        if file_sha256(path) != taxonomy.get("sha256"):
+            raise VerifyFailed(f"{taxonomy['file']}: field taxonomy.sha256: sha256 differs from manifest.json")
     return manifest

@@ -154,6 +154,7 @@ def import_upstream(
         build_config={"source": "upstream", "src": source, "revision": revision, "taxonomy": taxonomy.sha256},
         card=CARD,
         overwrite=overwrite,
+        inputs=(src, class_map),
     )
     if local:
         root, commit = Path(src), None

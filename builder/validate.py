@@ -44,9 +44,11 @@ from builder.folder import (
     EVAL_SPLITS,
     FORMAT,
     PREFERENCE_SPLITS,
+    TAXONOMY_FILE,
     TEST_CONFIG,
     UNATTRIBUTED,
     config_data_files,
+    folder_taxonomy,
     parse_version,
     read_manifest,
 )
@@ -190,7 +192,7 @@ def validate(
     checks = {name: Check(name, desc) for name, desc in CHECKS.items()}
     report = ValidationReport(root=root, checks=list(checks.values()), full_decode=full_decode)
     with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1))) as pool:
-        scan = _FolderScan(root, checks, report, taxonomy or Taxonomy.load(), full_decode, pool)
+        scan = _FolderScan(root, checks, report, taxonomy or _built_with(root, checks["manifest"]), full_decode, pool)
         _guard(checks["manifest"], scan.read_manifest)
         _guard(checks["schema"], lambda: scan.scan_shards(progress))
         expected = _guard(checks["card_counts"], scan.card_counts)
@@ -202,6 +204,17 @@ def validate(
         _guard(checks["configs_load"], lambda: _load_configs(root, expected, checks["configs_load"], progress))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _built_with(root: Path, check: Check) -> Taxonomy:
+    """The folder's own taxonomy (``taxonomy.yaml``); when that is unreadable or not the one the manifest
+    names, the manifest check fails and labels are checked against the shipped taxonomy."""
+    try:
+        return folder_taxonomy(root)
+    except DataError as e:
+        check.checked += 1
+        check.fail(e.message, file=TAXONOMY_FILE, field="taxonomy")
+        return Taxonomy.load()
 
 
 def _guard(check: Check, fn):
@@ -270,7 +283,8 @@ class _FolderScan:
         if isinstance(built_with, dict) and built_with.get("sha256") not in (None, self.taxonomy.sha256):
             self.report.notes.append(
                 f"built with taxonomy {built_with.get('name')!r} (sha256 {str(built_with['sha256'])[:12]}), checked against "
-                f"{self.taxonomy.name!r} (sha256 {self.taxonomy.sha256[:12]}, {self.taxonomy.source}); pass the taxonomy it was built with")
+                f"{self.taxonomy.name!r} (sha256 {self.taxonomy.sha256[:12]}, {self.taxonomy.source}): the folder has no "
+                f"{TAXONOMY_FILE} (written before folders carried their taxonomy); rebuild it to check its own labels")
         files = manifest.get("files")
         if not isinstance(files, dict):
             if not missing:

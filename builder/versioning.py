@@ -28,6 +28,7 @@ from builder.folder import (
     HISTORY_DIR,
     TEST_CONFIG,
     UNATTRIBUTED,
+    folder_taxonomy,
     parse_version,
     read_manifest,
 )
@@ -153,7 +154,7 @@ def bump(root: str | Path, part: str, *, previous: str | Path | None = None, tod
         if render_card:
             from dataset_card.card import render_folder_card
 
-            render_folder_card(root)
+            render_folder_card(root, taxonomy=folder_taxonomy(root))
         return VersionResult(root, old, None, "finished an interrupted bump", {}, "", finished_interrupted=True)
 
     if previous is not None:
@@ -184,7 +185,7 @@ def bump(root: str | Path, part: str, *, previous: str | Path | None = None, tod
     write_if_changed(root / "manifest.json", manifest_bytes(manifest))
     record_ids(root, new, current, manifest.get("build_config_hash", ""))
     if render_card:
-        render_folder_card(root)
+        render_folder_card(root, taxonomy=folder_taxonomy(root))
     return result
 
 

@@ -118,3 +118,57 @@ def test_generate_exits_1_when_units_failed_and_2_on_a_bad_config(tmp_path):
     assert proc.stdout.strip().startswith("generate: 1 units (0 done, 1 failed)")
     summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
     assert summary["units"]["failures"][0]["kind"].startswith("http_5")
+
+
+# --- the README's command reference and every example say what --help says -------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _code_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of every line inside a ``` block."""
+    out, inside = [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("```"):
+            inside = not inside
+        elif inside:
+            out.append((n, line))
+    return out
+
+
+def test_the_readme_command_reference_is_the_help_usage():
+    from builder.command_line import commands
+
+    text = README.read_text()
+    section = text.split("## Command reference", 1)[1].split("\n## ", 1)[0]
+    listed = [line for _, line in _code_lines(section) if line.startswith("spa-vl ")]
+    expected = [c.synopsis() for c in commands(CLI).values()]
+    assert listed == expected, "README.md's command reference should read:\n" + "\n".join(expected)
+
+
+def _examples():
+    """Every `spa-vl ...` command line in the README's code blocks and in the commands' --help examples."""
+    import inspect
+    import re
+
+    found = [(f"README.md:{n}", line) for n, line in _code_lines(README.read_text()) if "[" not in line]
+    for name in COMMANDS:
+        doc = inspect.getdoc(getattr(CLI, name)) or ""
+        found += [(f"spa-vl {name} --help", line) for line in doc.splitlines()]
+    for where, line in found:
+        line = re.sub(r"^\s*(?:[A-Z_]+=\S+\s+)*(?:\.venv/bin/)?", "", line)
+        if line.startswith("spa-vl "):
+            yield where, re.split(r"\s+(?:#|>|\|)\s*", line)[0]
+
+
+@pytest.mark.parametrize("where, line", list(_examples()))
+def test_every_example_command_line_is_valid(where, line):
+    import shlex
+
+    from builder.command_line import HelpRequested, UsageError, check
+
+    try:
+        check(CLI, shlex.split(line)[1:])
+    except HelpRequested:
+        pass
+    except UsageError as e:
+        pytest.fail(f"{where}: {line}\n  {e}")

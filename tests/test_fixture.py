@@ -228,7 +228,7 @@ def test_upstream_files_and_columns(upstream):
             assert isinstance(Features.from_arrow_schema(schema)["image"], Image)
     # nothing else
     covered = {p.relative_to(root).as_posix() for pat in UPSTREAM_COLUMNS for p in root.glob(pat)}
-    assert set(names) == covered | {"train.zip", "README.md"}
+    assert set(names) == covered | {"train.zip", "README.md", ".spa_vl_fixture.json"}  # the mark --overwrite needs
     # the returned counts are the files' row counts
     rows = lambda pat: sum(pq.ParquetFile(f).metadata.num_rows for f in root.glob(pat))  # noqa: E731
     assert counts == {"train": rows("data/train-*.parquet"), "validation": rows("validation/*.parquet"),
@@ -338,7 +338,7 @@ def test_upstream_failed_overwrite_keeps_old(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(DataError, match="simulated"):  # a disk error names the output folder
         write_fixture(out, rows_per_domain=3, eval_rows=1, layout="upstream", seed=1, overwrite=True, progress=False)
     monkeypatch.undo()
     assert out.is_dir() and file_hashes(out) == before

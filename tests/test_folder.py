@@ -109,8 +109,8 @@ def _rows(path: Path) -> int:
 
 # --- layout -----------------------------------------------------------------------------------------
 
-ALLOWED = [  # ARCHITECTURE.md, "The dataset folder"
-    "README.md", "CHANGELOG.md", "manifest.json", "assets/*.png",
+ALLOWED = [  # ARCHITECTURE.md, "The dataset folder", and the taxonomy the folder was built with
+    "README.md", "CHANGELOG.md", "manifest.json", "taxonomy.yaml", "assets/*.png",
     "data/*/train-?????-of-?????.parquet", "data/*/validation-?????-of-?????.parquet",
     "data/test/harm-?????-of-?????.parquet", "data/test/help-?????-of-?????.parquet",
 ]
@@ -160,7 +160,8 @@ def test_manifest_lists_every_parquet(folder):
         assert entry["rows"] == _rows(root / rel), rel
     assert manifest["version"] == "1.2.3"
     assert manifest["build_config_hash"] == build_config_hash({"source": "test"})
-    assert manifest["taxonomy"]["sha256"] == TAX.sha256
+    assert manifest["taxonomy"] == {"name": TAX.name, "sha256": TAX.sha256, "file": "taxonomy.yaml"}
+    assert (root / "taxonomy.yaml").read_bytes() == Path(TAX.source).read_bytes()
     assert w.summary.files == len(parquet)
     assert w.summary.bytes == sum(e["bytes"] for e in manifest["files"].values())
 
@@ -266,9 +267,9 @@ def test_empty_existing_folder_is_fine(tmp_path):
     assert (out / "manifest.json").exists()
 
 
-def test_overwrite_replaces(tmp_path):
+def test_overwrite_replaces_a_dataset_folder(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    build(out)
     (out / "stale.txt").write_text("old")
     build(out, overwrite=True)
     assert not (out / "stale.txt").exists()
@@ -416,8 +417,9 @@ def test_failed_swap_keeps_old_folder(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(DataError, match="simulated") as e:  # a disk error names the output folder
         build(out, overwrite=True)
+    assert e.value.file == str(out)
     monkeypatch.undo()
     assert out.is_dir()
     assert {f: (out / f).read_bytes() for f in _rel_files(out)} == before

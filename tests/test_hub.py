@@ -295,3 +295,129 @@ def test_pull_starts_afresh_over_a_partial_folder_of_another_pull(hub, folder, t
     pull(REPO, tmp_path / "out", revision="v0.1.0")
     assert _files(tmp_path / "out") == _files(folder)
     assert not partial.exists()
+
+
+# --- the command line refuses before it acts ------------------------------------------------------------
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "HF_TOKEN": TOKEN, **(env_extra or {})}
+    return subprocess.run([SPA_VL, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("typo, nearest", [
+    (["--dryrun"], "--dry_run"),
+    (["--dry_rn"], "--dry_run"),
+    (["--no-privat", "--no-gated"], "--no-private"),
+    (["--no-private", "--nogatd"], "--no-gated"),
+    (["--no-private", "--no_gate"], "--no-gated"),
+    (["--retry", "3"], "--retries"),
+])
+def test_a_mistyped_publish_flag_publishes_nothing(hub, folder, typo, nearest):
+    before = _files(folder)
+    proc = _cli("publish", folder, REPO, *typo)
+    assert proc.returncode == 2 and f"did you mean {nearest}?" in proc.stderr, proc.stderr
+    assert hub.requests == [] and _files(folder) == before  # not one call to the Hub, not one byte written
+    assert not (folder / ".spa_vl").exists()  # no row ids recorded either
+
+
+def test_no_private_and_no_gated_are_honoured(hub, folder):
+    proc = _cli("publish", folder, REPO, "--no-private", "--no-gated")
+    assert proc.returncode == 0, proc.stderr
+    assert hub.repo_settings(REPO) == {"private": False, "gated": False}
+
+
+def test_a_mistyped_version_flag_bumps_nothing(folder):
+    before = _files(folder)
+    proc = _cli("version", folder, "--bunp", "minor")
+    assert proc.returncode == 2 and "did you mean --bump?" in proc.stderr
+    assert _files(folder) == before and not (folder / "CHANGELOG.md").exists()
+    assert json.loads((folder / "manifest.json").read_text())["version"] == "0.1.0"
+    proc = _cli("version", folder, "--bump", "minr")
+    assert proc.returncode == 2 and "did you mean minor?" in proc.stderr and _files(folder) == before
+
+
+# --- an unreachable Hub -------------------------------------------------------------------------------
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_pull_with_the_hub_unreachable_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    hub_env(monkeypatch, f"http://127.0.0.1:{_closed_port()}", tmp_path / "hf_home")
+    proc = _cli("pull", REPO, tmp_path / "copy", "--revision", "v0.1.0")
+    assert proc.returncode == 1, proc.stderr
+    assert "could not be reached" in proc.stderr and "manifest.json" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_home"]  # no copy, no .copy.partial
+
+
+def test_publish_dry_run_exits_1_when_it_could_not_read_the_hub(folder, tmp_path, monkeypatch):
+    hub_env(monkeypatch, f"http://127.0.0.1:{_closed_port()}", tmp_path / "hf_home")
+    proc = _cli("publish", folder, REPO, "--dry_run", "--retries", 0)
+    assert proc.returncode == 1 and "the Hub could not be read" in proc.stderr
+
+
+def test_pull_never_overwrites_a_folder_spa_vl_did_not_write(hub, folder, tmp_path):
+    publish(folder, REPO, backoff=0)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep")
+    hub.requests.clear()
+    proc = _cli("pull", REPO, mine, "--overwrite")
+    assert proc.returncode == 2 and "--overwrite replaces only" in proc.stderr
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and hub.requests == []
+    copy = tmp_path / "copy"
+    pull(REPO, copy)
+    assert pull(REPO, copy, overwrite=True).files == len(_files(copy))  # a pulled folder is ours to replace
+
+
+def test_a_pull_in_progress_is_not_disturbed(hub, folder, tmp_path):
+    publish(folder, REPO, backoff=0)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        partial = tmp_path / ".copy.partial"
+        partial.mkdir()
+        (partial / ".spa_vl_pull.json").write_text(json.dumps({"repo_id": "org/other", "revision": None,
+                                                               "pid": other.pid}))
+        with pytest.raises(DataError, match=f"another pull \\(pid {other.pid}\\)"):
+            pull(REPO, tmp_path / "copy")
+        assert (partial / ".spa_vl_pull.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    pull(REPO, tmp_path / "copy")  # its process is gone: the partial folder is swept
+    assert not partial.exists() and _files(tmp_path / "copy") == _files(folder)
+
+
+# --- a folder carries its taxonomy ------------------------------------------------------------------
+def test_a_folder_with_its_own_taxonomy_validates_publishes_and_loads_without_flags(hub, tmp_path):
+    from custom_taxonomy import custom_folder
+
+    import spa_vl
+
+    root = custom_folder(tmp_path / "custom", eval_rows=4)
+    assert _cli("validate", root, "--no-progress").returncode == 0
+    assert _cli("card", root).returncode == 0
+    assert _cli("version", root, "--bump", "minor").returncode == 0
+    proc = _cli("publish", root, REPO)
+    assert proc.returncode == 0, proc.stderr
+    published = hub.folder(REPO, "v0.2.0")
+    assert (published / "taxonomy.yaml").read_bytes() == (root / "taxonomy.yaml").read_bytes()
+    assert "Heist Harms" in (published / "README.md").read_text()  # the card shows the folder's own labels
+    copy = tmp_path / "copy"
+    pull(REPO, copy, revision="v0.2.0")
+    assert (copy / "taxonomy.yaml").read_bytes() == (root / "taxonomy.yaml").read_bytes()
+    ds = spa_vl.load("heists", "train", source=REPO, revision="v0.2.0", cache_dir=str(tmp_path / "ds"))
+    assert set(ds["class1"]) == {"Heist Harms"}
+
+
+def test_pull_checks_the_taxonomy_file_against_the_manifest(folder, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    (bad / "taxonomy.yaml").write_text((bad / "taxonomy.yaml").read_text() + "\n# edited\n")
+    with HubServer({"org/bad": {"main": bad}}) as server:
+        hub_env(monkeypatch, server, tmp_path / "hf_home")
+        with pytest.raises(VerifyFailed, match="taxonomy.yaml: field taxonomy.sha256"):
+            pull("org/bad", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

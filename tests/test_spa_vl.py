@@ -111,11 +111,56 @@ def test_changed_folder_is_not_served_from_a_stale_cache(tmp_path):
     assert set(first["id"]).isdisjoint(second["id"])
 
 
-def test_unknown_config_and_missing_source():
+def test_unknown_config_and_missing_source(fixture_folder, tmp_path):
     with pytest.raises(ValueError, match="unknown config"):
-        spa_vl.SpaVLConfig(name="adult_content")
+        spa_vl.SpaVLConfig(name="Adult Content")  # not even a slug
+    with pytest.raises(ValueError, match=r"unknown config 'adult_content': .* has default, .*malicious_use.* and test"):
+        spa_vl.load("adult_content", source=str(fixture_folder), cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="no source"):
         spa_vl.load("default", source=None)
+
+
+@pytest.mark.parametrize("mode", ["prepared", "keep_in_memory", "streaming"])
+def test_a_filter_that_matches_nothing_gives_empty_splits(fixture_folder, tmp_path, mode):
+    kwargs = {"keep_in_memory": mode == "keep_in_memory", "streaming": mode == "streaming"}
+    everything = spa_vl.load("malicious_use", source=str(fixture_folder), cache_dir=str(tmp_path / "all"))
+    none = {"class2": "no such category"}
+    dd = spa_vl.load("malicious_use", source=str(fixture_folder), cache_dir=str(tmp_path / "f"), filters=none, **kwargs)
+    assert set(dd) == set(everything) == {"train", "validation"}
+    for split in dd:
+        rows = list(dd[split]) if mode == "streaming" else dd[split]
+        assert len(rows) == 0
+        if mode != "streaming":
+            assert dd[split].features == everything[split].features
+    one = spa_vl.load("malicious_use", "train", source=str(fixture_folder), cache_dir=str(tmp_path / "g"), filters=none,
+                      **kwargs)
+    assert len(list(one)) == 0
+
+
+@pytest.mark.parametrize("mode", ["prepared", "keep_in_memory", "streaming"])
+@pytest.mark.parametrize("filters", [{"klass2": "Privacy"}, [("klass2", "==", "Privacy")]], ids=["dict", "dnf"])
+def test_an_unknown_filter_column_is_named(fixture_folder, tmp_path, mode, filters):
+    from builder.errors import DataError
+
+    kwargs = {"keep_in_memory": mode == "keep_in_memory", "streaming": mode == "streaming"}
+    with pytest.raises(DataError, match="unknown filter column 'klass2'") as e:
+        d = spa_vl.load("malicious_use", "train", source=str(fixture_folder), cache_dir=str(tmp_path), filters=filters,
+                        **kwargs)
+        list(d)  # streaming reads on iteration
+    assert e.value.field == "klass2"
+
+
+def test_a_folder_built_with_its_own_taxonomy_loads_its_own_domains(tmp_path):
+    from custom_taxonomy import custom_folder
+
+    root = custom_folder(tmp_path / "custom")
+    for mode in ({}, {"keep_in_memory": True}):
+        dd = spa_vl.load("heists", source=str(root), cache_dir=str(tmp_path / "c"), **mode)
+        assert set(dd["train"]["class1"]) == {"Heist Harms"}
+        assert sum(d.num_rows for d in dd.values()) == _manifest_rows(root, "heists", "train") + \
+            _manifest_rows(root, "heists", "validation")
+    with pytest.raises(ValueError, match="unknown config 'malicious_use'"):
+        spa_vl.load("malicious_use", source=str(root), cache_dir=str(tmp_path / "c"))
 
 
 def test_folder_without_shards_is_a_clear_error(tmp_path):

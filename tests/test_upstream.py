@@ -282,8 +282,12 @@ def test_existing_output_is_refused_unless_overwrite(src, tmp_path):
     with pytest.raises(DataError, match="not empty"):
         import_upstream(src, out, progress=False)
     assert (out / "keep.txt").exists()
-    import_upstream(src, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="replaces only"):  # not a folder spa-vl wrote: never replaced
+        import_upstream(src, out, overwrite=True, progress=False)
+    (out / "keep.txt").unlink()
+    import_upstream(src, out, progress=False)
+    import_upstream(src, out, overwrite=True, progress=False)  # ours: replaced
+    assert (out / "manifest.json").exists()
 
 
 # --- bad input: a DataError naming file, row and field, and no output ------------------------------------
