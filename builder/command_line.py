@@ -154,11 +154,15 @@ class Command:
         by_name = {p.name: p for p in self.params}
         values: dict[str, object] = {}
         words: list[str] = []
+        after_switch: dict[int, str] = {}  # word index -> the on/off flag just before it (`--progress maybe`)
         extra: list[str] = []
         i = 0
         while i < len(argv):
             token = argv[i]
             if not _FLAG.fullmatch(token):
+                prev = by_name.get(argv[i - 1][2:].partition("=")[0].replace("-", "_")) if i else None
+                if prev is not None and prev.kind is bool and "=" not in argv[i - 1]:
+                    after_switch[len(words)] = prev.flag
                 words.append(token)
                 i += 1
                 continue
@@ -171,7 +175,7 @@ class Command:
                     raise UsageError(f"{self.name}: {param.flag} is given twice")
                 values[param.name] = value
             i += 1 + used
-        self._place_words(words, values)
+        self._place_words(words, values, after_switch)
         missing = [p for p in self.params if p.required and p.name not in values]
         if missing:
             raise UsageError(f"{self.name}: missing {', '.join(p.name.upper() for p in missing)}; "
@@ -221,9 +225,13 @@ class Command:
                           for p in self.params if p not in self.positional) or "none"
         return f"{self.name}: unknown flag {token.split('=')[0]}{hint} (its flags: {flags})"
 
-    def _place_words(self, words: list[str], values: dict) -> None:
+    def _place_words(self, words: list[str], values: dict, after_switch: dict[int, str]) -> None:
         free = [p for p in self.positional if p.name not in values]
-        for word in words:
+        for index, word in enumerate(words):
+            if not free and index in after_switch:
+                flag = after_switch[index]
+                raise UsageError(f"{self.name}: {flag} is on/off and takes no value {word!r} "
+                                 f"(write {flag}, {flag}=false or --no-{flag[2:]})")
             if not free:
                 raise UsageError(f"{self.name}: unexpected argument {word!r}; usage: {self.synopsis()}")
             param = free.pop(0)
