@@ -284,14 +284,47 @@ def test_undecodable_image(tax):
     assert "decode" in err.message
 
 
-def test_truncated_jpeg_header_vs_full(tax):
-    data = _jpeg(256, 256, noise=True)
-    truncated = data[: len(data) // 2]
-    row = pref_row(image={"bytes": truncated, "path": "t.jpg"})
-    check_row(row, "preference", tax, decode="header")  # the header is intact
-    err = _err(row, "preference", tax, decode="full")
-    assert err.field == "image"
-    check_row(pref_row(image={"bytes": data, "path": "t.jpg"}), "preference", tax, decode="full")
+def _encoded(fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    PILImage.effect_noise((96, 80), 60).convert("RGB").save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, marker", [("JPEG", "FFD9"), ("PNG", "IEND"), ("GIF", "GIF trailer")])
+@pytest.mark.parametrize("decode", ["header", "full"])
+def test_an_image_whose_tail_was_cut_fails_in_both_modes(tax, fmt, marker, decode):
+    data = _encoded(fmt)
+    cut = data[: len(data) * 2 // 3]  # the header, format and size are intact
+    with PILImage.open(io.BytesIO(cut)) as im:
+        assert im.size == (96, 80)  # what the old header-only check looked at
+    err = _err(pref_row(image={"bytes": cut, "path": "t.jpg"}), "preference", tax, decode=decode)
+    assert err.field == "image" and "does not decode" in err.message
+    if decode == "header":
+        assert f"cut short ({schema._END_MARKERS[fmt]} missing)" in err.message and marker in err.message
+    check_row(pref_row(image={"bytes": data, "path": "t.jpg"}), "preference", tax, decode=decode)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "WEBP"])
+def test_formats_without_a_checked_marker_are_decoded_when_cut(fmt):
+    data = _encoded(fmt)
+    assert check_image({"bytes": data}) == (96, 80)
+    with pytest.raises(DataError, match="does not decode"):
+        check_image({"bytes": data[: len(data) * 2 // 3]})
+
+
+def test_bytes_after_the_end_marker_are_accepted_after_a_full_decode(monkeypatch):
+    data = _jpeg(noise=True)
+    assert schema.image_ends_complete(data, "JPEG") is True
+    padded, junk = data + b"\x00\x00\n", data + b"trailing junk from a camera"
+    assert schema.image_ends_complete(padded, "JPEG") is True  # padding after FFD9 is not a cut
+    assert schema.image_ends_complete(junk, "JPEG") is False
+    loads = []
+    real_load = PILImage.Image.load
+    monkeypatch.setattr(PILImage.Image, "load", lambda self: loads.append(1) or real_load(self))
+    assert check_image({"bytes": padded}) == (48, 40)
+    assert not loads  # a complete ending: the header is enough
+    assert check_image({"bytes": junk}) == (48, 40)
+    assert loads  # junk after the end marker: decoded in full to decide
 
 
 def test_decode_none_skips_image(tax):
