@@ -79,7 +79,7 @@ UPSTREAM_SCHEMAS: dict[str, dict[str, pa.DataType]] = {
 CARD = {
     "title": "SPA-VL",
     "description": (
-        f"Safety preference data for vision-language models, imported from {UPSTREAM_REPO} (arXiv 2406.12030): "
+        f"Safety preference data for vision-language models, imported from {UPSTREAM_REPO}: "
         "(image, question, chosen, rejected) with the harm labels class1/class2/class3, split into one config "
         "per harm domain. Upstream train rows carry no labels: each took the class path of its entry in upstream's "
         "`train/meta.json` (its texts checked), and rows that could not be attributed are in the `default` config only. "
