@@ -50,6 +50,8 @@ def _jpeg(w=48, h=40, *, noise=False) -> bytes:
 
 
 JPEG = _jpeg()
+TAX = Taxonomy.load()
+PATH = next(p for p in TAX.paths() if p[0] == TAX.domain("malicious_use").label)  # a valid class path
 
 
 def pref_row(**over) -> dict:
@@ -61,9 +63,9 @@ def pref_row(**over) -> dict:
         "question_type": "easy",
         "chosen": "No.",
         "rejected": "Yes.",
-        "class1": "Malicious Use",
-        "class2": "Security threats",
-        "class3": "weapon",
+        "class1": PATH[0],
+        "class2": PATH[1],
+        "class3": PATH[2],
         "chosen_model": None,
         "rejected_model": None,
         "judge_rationale": None,
@@ -216,17 +218,24 @@ def test_bad_question_type(tax, qt):
 
 # --- check_row: labels -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(
-    "labels, field",
-    [
-        (("Malicious use", "Security threats", "weapon"), "class1"),
-        (("Representation & Toxicity Harms", "Toxic", "bully"), "class1"),
-        (("Malicious Use", "Toxic", "bully"), "class2"),
-        (("Malicious Use", "Security Threats", "weapon"), "class2"),
-        (("Malicious Use", "Security threats", "bully"), "class3"),
-        (("Representation & ToxicityHarms", "Unfair", "disability discrimination"), "class3"),
-    ],
-)
+def _near_misses() -> list[tuple[tuple[str, str, str], str]]:
+    """Label paths one small step off the taxonomy's (case, a space, another branch, a fixed typo)."""
+    c1, c2, c3 = PATH
+    spaced = next(p for p in TAX.paths() if "yHarms" in p[0])  # "...ToxicityHarms": upstream has no space
+    other = next(p for p in TAX.paths() if p[0] != c1)
+    sibling = next(p for p in TAX.paths() if p[0] == c1 and p[1] != c2)
+    typo = next(p for p in TAX.paths() if "disablity" in p[2])
+    return [
+        ((c1.lower(), c2, c3), "class1"),
+        ((spaced[0].replace("Harms", " Harms"), spaced[1], spaced[2]), "class1"),
+        ((c1, other[1], other[2]), "class2"),
+        ((c1, c2.swapcase(), c3), "class2"),
+        ((c1, c2, sibling[2]), "class3"),
+        ((typo[0], typo[1], typo[2].replace("disablity", "disability")), "class3"),
+    ]
+
+
+@pytest.mark.parametrize("labels, field", _near_misses())
 @pytest.mark.parametrize("kind", ["preference", "eval"])
 def test_label_outside_taxonomy(tax, labels, field, kind):
     c1, c2, c3 = labels

@@ -476,7 +476,7 @@ def _invalid_utf8(src: Path):
 
 
 def _meta_label_outside_taxonomy(src: Path):
-    edit_meta(src, lambda entries: entries[7].update(image="Malicious Use/Security threats/spoons/0.jpg"))
+    edit_meta(src, lambda entries: entries[7].update(image="/".join(TAX.paths()[0][:2]) + "/spoons/0.jpg"))
 
 
 def _meta_not_json(src: Path):
@@ -548,3 +548,11 @@ def test_class_map_errors_name_the_map_row_and_field(src, tmp_path):
         import_upstream(src, tmp_path / "out", class_map=ambiguous, progress=False)
     assert (info.value.row, info.value.field) == (1, "image_name")
     assert_no_output(tmp_path / "out")
+
+
+def test_a_tiny_fixture_keeps_every_file_group_and_imports(tmp_path):
+    counts = write_fixture(tmp_path / "up", rows_per_domain=3, eval_rows=1, layout="upstream", progress=False)
+    assert counts == {"train": 18, "validation": 0, "harm": 1, "help": 1}  # one train image per domain
+    assert pq.ParquetFile(tmp_path / "up" / VALIDATION).metadata.num_rows == 0  # empty, like a split upstream never lacks
+    report = import_upstream(tmp_path / "up", tmp_path / "out", progress=False)
+    assert report.rows_out == counts and report.attributed_by["meta"] == 18
