@@ -228,30 +228,46 @@ UPSTREAM_VALIDATION = Features({"image": Image(), "question": Value("string"), "
                                 "class3": Value("string")})
 UPSTREAM_TEST = Features({"image": Image(), "question": Value("string"), "class1": Value("string"),
                           "class2": Value("string"), "class3": Value("string")})
-UPSTREAM_README = """---
-license: cc-by-4.0
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*
-- config_name: validation
-  data_files:
-  - split: validation
-    path: validation/validation-*
-- config_name: test
-  data_files:
-  - split: harm
-    path: test/harm-*
-  - split: help
-    path: test/help-*
----
+UPSTREAM_CONFIGS = {  # upstream's card: config -> split -> (data_files glob, features)
+    "default": {"train": ("data/train-*", UPSTREAM_TRAIN)},
+    "validation": {"validation": ("validation/validation-*", UPSTREAM_VALIDATION)},
+    "test": {"harm": ("test/harm-*", UPSTREAM_TEST), "help": ("test/help-*", UPSTREAM_TEST)},
+}
+UPSTREAM_README_BODY = """
 # SPA-VL (synthetic fixture in the upstream layout)
 
 Written by `spa-vl fixture --layout upstream`: drawn images, template text. Not real data.
 Train rows carry no labels: `image_name` `k.jpg` points at entry `k` of `train/meta.json`, whose
 `image` is the row's path in the image tree of `train.zip` (`class1/class2/class3/<n>.jpg`).
 """
+
+
+def upstream_readme(root: Path) -> str:
+    """Upstream's card: its YAML declares the configs and, like the real one, their dataset_info (sizes and
+    counts, so that `datasets` caches another version of the files under another key)."""
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    card = DatasetCardData(license="cc-by-4.0")
+    MetadataConfigs({name: {"data_files": [{"split": s, "path": glob} for s, (glob, _) in splits.items()]}
+                     for name, splits in UPSTREAM_CONFIGS.items()}).to_dataset_card_data(card)
+    infos = {}
+    for name, splits in UPSTREAM_CONFIGS.items():
+        split_dict, size = SplitDict(), 0
+        for split, (glob, features) in splits.items():
+            files = sorted(root.glob(glob + ".parquet"))
+            metas = [pq.read_metadata(f) for f in files]
+            split_dict.add(SplitInfo(name=split, num_examples=sum(m.num_rows for m in metas),
+                                     num_bytes=sum(m.row_group(g).total_byte_size for m in metas for g in range(m.num_row_groups))))
+            size += sum(f.stat().st_size for f in files)
+        infos[name] = DatasetInfo(features=splits[next(iter(splits))][1], splits=split_dict, download_size=size,
+                                  config_name=name)
+    DatasetInfosDict(infos).to_dataset_card_data(card)
+    return f"---\n{card.to_yaml()}\n---\n{UPSTREAM_README_BODY}"
+
+
 META_MEMBER = "train/meta.json"  # in train.zip, or in the repo tree; its image paths are relative to its folder
 
 
@@ -277,7 +293,7 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
     try:
         counts = _write_upstream_files(tmp, taxonomy, images_per_domain, eval_rows, args, max_shard_bytes, bar,
                                        meta_place)
-        (tmp / "README.md").write_text(UPSTREAM_README)
+        (tmp / "README.md").write_text(upstream_readme(tmp))
         swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
