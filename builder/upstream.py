@@ -176,7 +176,18 @@ def import_upstream(
     rows_in = {split: sum(f.rows for f in files) for split, files in inputs.items()}
     with writer, tqdm(total=sum(rows_in.values()), desc="import", unit="row", disable=not progress) as bar:
         images = _write_rows(writer, inputs, labels, bar)
+    rows_out = _rows_written(writer, rows_in)
+    train_files = [f.rel for f in inputs["train"]]
+    return ImportReport(
+        out=writer.out, source=source, commit=commit, rows_in=rows_in, rows_out=rows_out,
+        attributed_by=labels.counts, unattributed=labels.unattributed, reasons=labels.reasons,
+        unattributed_examples=[(train_files[f], row, why) for f, row, why in labels.examples],
+        label_sources=labels.sources, images=images, seconds=time.perf_counter() - started,
+    )
 
+
+def _rows_written(writer: DatasetFolderWriter, rows_in: dict[str, int]) -> dict[str, int]:
+    """Rows per split in the written folder; a folder whose counts differ from the input's is removed."""
     written = Counter()
     for (_, split), count in writer.summary.rows.items():  # (folder under data/, split) → rows
         written[split] += count
@@ -184,21 +195,7 @@ def import_upstream(
     if rows_out != rows_in:  # the writer lost or invented rows: never leave such a folder behind
         shutil.rmtree(writer.out, ignore_errors=True)
         raise RuntimeError(f"row counts differ between input {rows_in} and output {rows_out}; output removed")
-    train_files = [f.rel for f in inputs["train"]]
-    return ImportReport(
-        out=writer.out,
-        source=source,
-        commit=commit,
-        rows_in=rows_in,
-        rows_out=rows_out,
-        attributed_by=labels.counts,
-        unattributed=labels.unattributed,
-        reasons=labels.reasons,
-        unattributed_examples=[(train_files[f], row, why) for f, row, why in labels.examples],
-        label_sources=labels.sources,
-        images=images,
-        seconds=time.perf_counter() - started,
-    )
+    return rows_out
 
 
 def _write_rows(writer: DatasetFolderWriter, inputs: dict[str, list[InputFile]], labels: TrainAttribution,
