@@ -62,7 +62,7 @@ class CLI:
         texture: bool = False,
         taxonomy: str | None = None,
         overwrite: bool = False,
-        meta: str = "zip",
+        meta_in: str = "zip",
     ):
         """Write a synthetic dataset (PIL-drawn images, template text) for tests and demos.
 
@@ -73,7 +73,7 @@ class CLI:
         Example:
           spa-vl fixture out/fx --rows_per_domain 300 --eval_rows 20
           spa-vl fixture out/up --layout upstream --rows_per_domain 120   # the sqrti/SPA-VL layout, for import_upstream
-          spa-vl fixture out/up2 --layout upstream --meta tree           # train/meta.json beside train.zip
+          spa-vl fixture out/up2 --layout upstream --meta_in tree        # train/meta.json beside train.zip
 
         Args:
           out: the folder to write (must be empty or absent unless --overwrite).
@@ -85,20 +85,21 @@ class CLI:
           texture: add photo-like noise (realistic JPEG sizes: ~45 kB at 384 px).
           taxonomy: a taxonomy YAML file of your own.
           overwrite: replace an existing folder.
-          meta: upstream layout only: train/meta.json inside train.zip (zip) or as a file of the tree (tree).
+          meta_in: upstream layout only: train/meta.json inside train.zip (zip) or as a file of the tree (tree).
         """
         from builder.fixture import LAYOUTS, META_PLACES, write_fixture
 
         if layout not in LAYOUTS:
             raise DataError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}", field="layout")
-        if meta not in META_PLACES:
-            raise DataError(f"--meta must be one of {', '.join(META_PLACES)}, got {meta!r}", field="meta")
-        if meta != "zip" and layout != "upstream":
-            raise DataError("--meta applies to --layout upstream only", field="meta")
+        if meta_in not in META_PLACES:
+            raise DataError(f"--meta_in must be one of {', '.join(META_PLACES)}, got {meta_in!r}", field="meta_in")
+        if meta_in != "zip" and layout != "upstream":
+            raise DataError("--meta_in applies to --layout upstream only", field="meta_in")
         t0 = time.perf_counter()
         result = write_fixture(
             out, rows_per_domain=rows_per_domain, eval_rows=eval_rows, layout=layout, seed=seed,
-            image_size=image_size, texture=texture, taxonomy=Taxonomy.load(taxonomy), overwrite=overwrite, meta=meta,
+            image_size=image_size, texture=texture, taxonomy=Taxonomy.load(taxonomy), overwrite=overwrite,
+            meta_in=meta_in,
         )
         rows = sum(result.values()) if isinstance(result, dict) else result.total_rows
         print(f"fixture: {rows:,} rows ({layout} layout) in {time.perf_counter() - t0:.1f}s -> {out}")

@@ -180,18 +180,18 @@ def write_fixture(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
-    meta: str = "zip",
+    meta_in: str = "zip",
 ) -> FolderSummary | dict:
     """Write a synthetic dataset. ``rows_per_domain`` is rounded up to whole images (3 rows each).
 
-    ``meta`` (upstream layout only): where ``train/meta.json`` goes, ``zip`` (inside ``train.zip``)
+    ``meta_in`` (upstream layout only): where ``train/meta.json`` goes, ``zip`` (inside ``train.zip``)
     or ``tree`` (a file of the repo tree). Returns the folder summary, or for the upstream layout
     the rows per split.
     """
     if layout not in LAYOUTS:
         raise DataError(f"layout must be one of {LAYOUTS}, got {layout!r}", field="layout")
-    if meta not in META_PLACES:
-        raise DataError(f"meta must be one of {META_PLACES}, got {meta!r}", field="meta")
+    if meta_in not in META_PLACES:
+        raise DataError(f"meta_in must be one of {META_PLACES}, got {meta_in!r}", field="meta_in")
     if rows_per_domain < 0 or eval_rows < 0:
         raise DataError("row counts must be >= 0", field="rows_per_domain")
     taxonomy = taxonomy or Taxonomy.load()
@@ -201,7 +201,7 @@ def write_fixture(
     bar = tqdm(total=total, desc="fixture images", unit="img", disable=not progress, leave=False)
     if layout == "upstream":
         return _write_upstream(Path(out), taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar,
-                               meta)
+                               meta_in)
 
     build_config = {"source": "fixture", "rows_per_domain": rows_per_domain, "eval_rows": eval_rows,
                     "seed": seed, "image_size": image_size, "texture": texture, "taxonomy": taxonomy.sha256}

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from builder.archive import SafeZip
@@ -204,7 +205,7 @@ def _image_digests(files: list, pending: list[tuple[int, int]]) -> dict[tuple[in
         for g in sorted({bisect.bisect_right(starts, r) - 1 for r in rows}):
             batch_rows = starts[g]
             for batch in _batches(f, ["image"], [g]):
-                data = pa.compute.struct_field(batch.column("image"), "bytes").to_pylist()
+                data = pc.struct_field(batch.column("image"), "bytes").to_pylist()
                 for i, blob in enumerate(data):
                     if batch_rows + i in rows and blob:
                         out[(fi, batch_rows + i)] = (hashlib.sha256(blob).hexdigest(), len(blob))

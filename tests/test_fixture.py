@@ -295,13 +295,13 @@ def test_upstream_train_rows_index_meta_json_with_equal_texts(upstream):
 
 def test_upstream_meta_json_in_the_repo_tree(tmp_path):
     root = tmp_path / "SPA-VL"
-    write_fixture(root, rows_per_domain=12, eval_rows=1, layout="upstream", meta="tree", progress=False)
+    write_fixture(root, rows_per_domain=12, eval_rows=1, layout="upstream", meta_in="tree", progress=False)
     assert "train/meta.json" not in zip_members(root)
     meta = json.loads((root / "train" / "meta.json").read_bytes())
     assert len(meta) == pq.ParquetFile(next(root.glob("data/train-*.parquet"))).metadata.num_rows
     with pytest.raises(DataError) as info:
-        write_fixture(tmp_path / "x", layout="upstream", meta="elsewhere", progress=False)
-    assert info.value.field == "meta"
+        write_fixture(tmp_path / "x", layout="upstream", meta_in="elsewhere", progress=False)
+    assert info.value.field == "meta_in"
 
 
 def test_upstream_covers_all_53_class_paths_from_120_rows_per_domain(tmp_path):
@@ -403,3 +403,18 @@ def test_upstream_failed_overwrite_keeps_old(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert out.is_dir() and file_hashes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SPA-VL"]
+
+
+def test_the_fixture_command_writes_the_upstream_layout_and_checks_its_flags(tmp_path):
+    import subprocess
+    import sys
+
+    spa_vl = str(Path(sys.executable).with_name("spa-vl"))
+    run = lambda *a: subprocess.run([spa_vl, "fixture", *map(str, a)], capture_output=True, text=True, timeout=300)  # noqa: E731
+    proc = run(tmp_path / "up", "--layout", "upstream", "--meta_in", "tree", "--rows_per_domain", 6, "--eval_rows", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("fixture: 38 rows (upstream layout)")  # 6 domains x 2 train images x 3 rows + 2
+    assert (tmp_path / "up" / "train" / "meta.json").is_file() and (tmp_path / "up" / "train.zip").is_file()
+    bad = run(tmp_path / "x", "--meta_in", "tree")  # our layout has no meta.json
+    assert bad.returncode == 2 and "--meta_in applies to --layout upstream only" in bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -196,7 +196,7 @@ def test_domain_config_of_an_import_has_only_its_domain(imported, truth, tmp_pat
 
 def test_meta_json_in_the_repo_tree_or_given_with_meta(upstream, expected_labels, tmp_path):
     tree = tmp_path / "tree"
-    write_fixture(tree, layout="upstream", meta="tree", **ROWS)
+    write_fixture(tree, layout="upstream", meta_in="tree", **ROWS)
     report = import_upstream(tree, tmp_path / "a", progress=False)
     assert report.attributed_by["meta"] == upstream[1]["train"] and report.label_sources["meta"] == META
     assert labels_by_id(tmp_path / "a") == expected_labels
@@ -346,7 +346,7 @@ def test_import_from_the_hub_at_a_revision(upstream, expected_labels, tmp_path, 
 
 def test_a_hub_repo_with_meta_json_in_its_tree_is_imported_without_train_zip(tmp_path, monkeypatch, expected_labels):
     root = tmp_path / "SPA-VL"
-    write_fixture(root, layout="upstream", meta="tree", **ROWS)
+    write_fixture(root, layout="upstream", meta_in="tree", **ROWS)
     with HubServer({"sqrti/SPA-VL": {"main": root}}) as hub:
         hub_env(monkeypatch, hub, tmp_path / "hf_home")
         report = import_upstream("sqrti/SPA-VL", tmp_path / "out", progress=False)
