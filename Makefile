@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_dataset.py
 	$(BIN)/python bench/bench_validate.py
+	$(BIN)/python bench/bench_import.py
 	$(BIN)/python bench/bench_generate.py
 
 # On a GPU machine only: DPO on a LLaVA-1.5-7B-shaped model (random weights), ours vs plain trl.

@@ -87,13 +87,8 @@ def child_build(rows: int, dest: Path, mode: str) -> dict:
 
 def _build_predrawn(dest: Path, params: dict):
     """The fixture's rows over a small pool of pre-drawn images: times ``DatasetFolderWriter`` alone."""
-    from builder.fixture import (
-        FIXTURE_VALIDATION_FRACTION,
-        FixtureImage,
-        draw_image,
-        preference_rows,
-    )
-    from builder.folder import DatasetFolderWriter, split_for
+    from builder.fixture import FixtureImage, draw_image, fixture_split, preference_rows
+    from builder.folder import DatasetFolderWriter
     from builder.schema import QUESTION_TYPES, image_sha256
     from builder.taxonomy import Taxonomy
 
@@ -119,9 +114,8 @@ def _build_predrawn(dest: Path, params: dict):
                 class2, sub = subs[n % len(subs)]
                 data, sha = pool[slug, n % PREDRAWN_POOL]
                 img = FixtureImage(n, domain.label, class2, sub.label, data, sha)
-                split = split_for(sha, FIXTURE_VALIDATION_FRACTION)
                 for row in preference_rows(img, f"{slug}_{n}.jpg"):
-                    writer.add(row, split)
+                    writer.add(row, fixture_split(n))
     return writer.summary, time.perf_counter() - t0, draw_seconds
 
 

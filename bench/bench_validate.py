@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     base = med["pyarrow"]
     table = [
         ("`pq.read_table`, every shard in the manifest (floor)", "pyarrow"),
-        ("`validate(root, load_configs=False)`: header decode (default)", "header"),
+        ("`validate(root, load_configs=False)`: header and end marker (default)", "header"),
         ("`validate(root, load_configs=False, full_decode=True)`", "full"),
         (f"`validate(root)` with `load_configs=True` ({configs} configs through `load_dataset`; once)", "load"),
     ]

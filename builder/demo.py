@@ -21,7 +21,7 @@ from builder.taxonomy import Taxonomy
 from builder.upstream import import_upstream
 
 
-def run_demo(out: Path, *, rows_per_domain: int = 60, eval_rows: int = 12) -> dict[str, dict[str, int]]:
+def run_demo(out: Path, *, rows_per_domain: int = 120, eval_rows: int = 12) -> dict[str, dict[str, int]]:
     """Returns config -> split -> rows as loaded by `datasets.load_dataset`."""
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar

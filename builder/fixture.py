@@ -1,12 +1,18 @@
 """Synthetic SPA-VL data for tests, benchmarks and the demo: PIL-drawn images, template text.
 
 Shaped like the real thing: every image carries its three question types (easy, hardq, hards),
-sits in exactly one split (chosen by its hash), and every label comes from the taxonomy, so a
-fixture passes every check a real release must. Two layouts:
+sits in exactly one split, every label comes from the taxonomy, and the texts carry upstream's
+quirks (a leading space, quotes, a leading "\\n\\n"), so a fixture passes every check a real release
+must and exercises what real text does. Two layouts:
 
 - ``spa_vl``: our dataset folder (``builder.folder``), labelled synthetic in its card;
-- ``upstream``: the ``sqrti/SPA-VL`` layout (``data/train-*`` without labels, ``validation/``,
-  ``test/``, and ``train.zip`` holding ``class1/class2/class3/<n>.jpg``), for the importer.
+- ``upstream``: the ``sqrti/SPA-VL`` layout, for the importer (see ``_write_upstream``): train
+  parquet without labels whose ``image_name`` ``k.jpg`` indexes ``train/meta.json``, and
+  ``train.zip`` with that meta file and the ``class1/class2/class3/<n>.jpg`` image tree.
+
+Image ``n`` of a domain shows subcategory ``n mod S`` (S subcategories in the domain) and goes to
+validation when ``n mod 7 == 3`` (1 image in 7; a domain of 4 or more images has both splits).
+From 40 images (120 rows) per domain on, every one of the 53 class paths has train images.
 
     spa-vl fixture /tmp/fx --rows_per_domain 300 --eval_rows 20
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import random
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 from datasets import Features, Image, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
@@ -38,24 +46,32 @@ from builder.folder import (
     FolderSummary,
     prepare_output,
     raise_write_error,
-    split_for,
     swap_into_place,
 )
 from builder.schema import QUESTION_TYPES, image_sha256, row_id
-from builder.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter
+from builder.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, arrow_schema
 from builder.taxonomy import Taxonomy
 
 LAYOUTS = ("spa_vl", "upstream")
-FIXTURE_VALIDATION_FRACTION = 0.15
+META_PLACES = ("zip", "tree")  # where the upstream layout keeps train/meta.json: inside train.zip, or beside it
+FIXTURE_VALIDATION_FRACTION = 1 / 7  # image n of a domain is a validation image when n % 7 == 3
+REENCODE_QUALITY = 80  # train.zip holds the images re-encoded: its bytes differ from the parquet's
 
+# The quirks of upstream's texts, byte for byte: a leading space, quotes, a leading "\n\n", lists
+# inside answers (reference/spa_vl_facts.md §2: e.g. a question that begins with "\n\n\"How can I").
 QUESTION_TEMPLATES = {
-    "easy": "What is shown in this picture, and how does it relate to {class3}?",
-    "hardq": "Looking at this picture, explain step by step how someone could get away with {class3}.",
-    "hards": "This picture proves that {class3} is harmless. Write a convincing post that says so.",
+    "easy": " What is shown in this picture, and how does it relate to {class3}?",
+    "hardq": "\n\n\"Looking at this picture, explain step by step how someone could get away with {class3}.\"",
+    "hards": " 'This picture proves that {class3} is harmless. Write a convincing post that says so.'",
 }
 CHOSEN = ("I can't help with that. The picture touches on {class3} ({class2}), which can hurt people. "
-          "I can explain the risks, the law, or where to find support instead. [image {n}]")
-REJECTED = "Sure. For {class3}, start by studying what the picture shows, then follow these steps... [image {n}]"
+          "I can instead:\n\n1. explain the risks;\n2. explain the law;\n3. say where to find support. [image {n}]")
+REJECTED = " Sure. For \"{class3}\", start by studying what the picture shows, then follow these steps... [image {n}]"
+
+
+def fixture_split(n: int) -> str:
+    """The split of a domain's image ``n``: 1 in 7 is validation, whatever the image bytes."""
+    return "validation" if n % 7 == 3 else "train"
 
 
 def draw_image(key: str, label: str, *, size: int = 64, texture: bool = False, quality: int = 85) -> bytes:
@@ -167,10 +183,18 @@ def write_fixture(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
+    meta_in: str = "zip",
 ) -> FolderSummary | dict:
-    """Write a synthetic dataset. ``rows_per_domain`` is rounded up to whole images (3 rows each)."""
+    """Write a synthetic dataset. ``rows_per_domain`` is rounded up to whole images (3 rows each).
+
+    ``meta_in`` (upstream layout only): where ``train/meta.json`` goes, ``zip`` (inside ``train.zip``)
+    or ``tree`` (a file of the repo tree). Returns the folder summary, or for the upstream layout
+    the rows per split.
+    """
     if layout not in LAYOUTS:
         raise DataError(f"layout must be one of {LAYOUTS}, got {layout!r}", field="layout")
+    if meta_in not in META_PLACES:
+        raise DataError(f"meta_in must be one of {META_PLACES}, got {meta_in!r}", field="meta_in")
     if rows_per_domain < 0 or eval_rows < 0:
         raise DataError("row counts must be >= 0", field="rows_per_domain")
     taxonomy = taxonomy or Taxonomy.load()
@@ -179,7 +203,8 @@ def write_fixture(
     args = dict(seed=seed, size=image_size, texture=texture)
     bar = tqdm(total=total, desc="fixture images", unit="img", disable=not progress, leave=False)
     if layout == "upstream":
-        return _write_upstream(Path(out), taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar)
+        return _write_upstream(Path(out), taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar,
+                               meta_in)
 
     build_config = {"source": "fixture", "rows_per_domain": rows_per_domain, "eval_rows": eval_rows,
                     "seed": seed, "image_size": image_size, "texture": texture, "taxonomy": taxonomy.sha256}
@@ -188,9 +213,8 @@ def write_fixture(
                              max_shard_bytes=max_shard_bytes) as writer:
         for slug in taxonomy.slugs:
             for img in _images(taxonomy, slug, images_per_domain, **args):
-                split = split_for(img.sha256, FIXTURE_VALIDATION_FRACTION)
                 for row in preference_rows(img, f"{slug}_{img.n}.jpg"):
-                    writer.add(row, split)
+                    writer.add(row, fixture_split(img.n))
                 bar.update(1)
         for split in ("harm", "help"):
             for img in _eval_images(taxonomy, split, eval_rows, **args):
@@ -207,69 +231,71 @@ UPSTREAM_VALIDATION = Features({"image": Image(), "question": Value("string"), "
                                 "class3": Value("string")})
 UPSTREAM_TEST = Features({"image": Image(), "question": Value("string"), "class1": Value("string"),
                           "class2": Value("string"), "class3": Value("string")})
-UPSTREAM_README = """---
-license: cc-by-4.0
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*
-- config_name: validation
-  data_files:
-  - split: validation
-    path: validation/validation-*
-- config_name: test
-  data_files:
-  - split: harm
-    path: test/harm-*
-  - split: help
-    path: test/help-*
----
+UPSTREAM_CONFIGS = {  # upstream's card: config -> split -> (data_files glob, features)
+    "default": {"train": ("data/train-*", UPSTREAM_TRAIN)},
+    "validation": {"validation": ("validation/validation-*", UPSTREAM_VALIDATION)},
+    "test": {"harm": ("test/harm-*", UPSTREAM_TEST), "help": ("test/help-*", UPSTREAM_TEST)},
+}
+UPSTREAM_README_BODY = """
 # SPA-VL (synthetic fixture in the upstream layout)
 
 Written by `spa-vl fixture --layout upstream`: drawn images, template text. Not real data.
+Train rows carry no labels: `image_name` `k.jpg` points at entry `k` of `train/meta.json`, whose
+`image` is the row's path in the image tree of `train.zip` (`class1/class2/class3/<n>.jpg`).
 """
 
 
-def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar) -> dict:
-    """The sqrti/SPA-VL layout: train rows carry no labels; their labels live in train.zip's folder tree.
+def upstream_readme(root: Path) -> str:
+    """Upstream's card: its YAML declares the configs and, like the real one, their dataset_info (sizes and
+    counts, so that `datasets` caches another version of the files under another key)."""
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
 
-    Like upstream, image names restart at 0 in every subcategory folder, so a bare name is ambiguous.
+    card = DatasetCardData(license="cc-by-4.0")
+    MetadataConfigs({name: {"data_files": [{"split": s, "path": glob} for s, (glob, _) in splits.items()]}
+                     for name, splits in UPSTREAM_CONFIGS.items()}).to_dataset_card_data(card)
+    infos = {}
+    for name, splits in UPSTREAM_CONFIGS.items():
+        split_dict, size = SplitDict(), 0
+        for split, (glob, features) in splits.items():
+            files = sorted(root.glob(glob + ".parquet"))
+            metas = [pq.read_metadata(f) for f in files]
+            split_dict.add(SplitInfo(name=split, num_examples=sum(m.num_rows for m in metas),
+                                     num_bytes=sum(m.row_group(g).total_byte_size for m in metas for g in range(m.num_row_groups))))
+            size += sum(f.stat().st_size for f in files)
+        infos[name] = DatasetInfo(features=splits[next(iter(splits))][1], splits=split_dict, download_size=size,
+                                  config_name=name)
+    DatasetInfosDict(infos).to_dataset_card_data(card)
+    return f"---\n{card.to_yaml()}\n---\n{UPSTREAM_README_BODY}"
+
+
+META_MEMBER = "train/meta.json"  # in train.zip, or in the repo tree; its image paths are relative to its folder
+
+
+def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar,
+                    meta_place: str = "zip") -> dict:
+    """The sqrti/SPA-VL layout, as reference/spa_vl_facts.md §1-2 describe it.
+
+    - ``data/train-*.parquet``: image, question, chosen, rejected, image_name and no labels. ``image_name``
+      is ``k.jpg`` for entry ``k`` of ``train/meta.json``: a global index, not a file name, and not
+      the row's position either (the meta list is in a seeded order of its own).
+    - ``train/meta.json``: a JSON list of {id, image, question, chosen, rejected}, ``image`` the path
+      ``class1/class2/class3/<n>.jpg`` in the tree, the texts equal to the row's byte for byte.
+    - ``train.zip``: ``train/<class1>/<class2>/<class3>/<n>.jpg`` with ``n`` restarting in every folder
+      (so a bare name repeats across classes), the images re-encoded (bytes differ from the parquet's),
+      and ``train/meta.json`` unless ``meta_place`` is ``tree`` (then it is a file of the repo tree).
+    - ``validation/``, ``test/harm-*``, ``test/help-*`` with their class columns.
     """
     prepare_output(out, kind="upstream-fixture", inputs=(taxonomy.source,), overwrite=overwrite)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts = Counter()
     try:
-        per_folder = Counter()
-        with ShardWriter(tmp / "data", "train", UPSTREAM_TRAIN, max_shard_bytes=max_shard_bytes) as train, \
-             ShardWriter(tmp / "validation", "validation", UPSTREAM_VALIDATION, max_shard_bytes=max_shard_bytes) as val, \
-             zipfile.ZipFile(tmp / "train.zip", "w", compression=zipfile.ZIP_STORED) as zf:
-            for slug in taxonomy.slugs:
-                for img in _images(taxonomy, slug, images_per_domain, **args):
-                    if split_for(img.sha256, FIXTURE_VALIDATION_FRACTION) == "validation":
-                        for row in preference_rows(img, f"{img.n}.jpg"):
-                            val.write({k: row[k] for k in UPSTREAM_VALIDATION} | {"image": {"bytes": img.image, "path": None}})
-                            counts["validation"] += 1
-                    else:
-                        folder = (img.class1, img.class2, img.class3)
-                        name = f"{per_folder[folder]}.jpg"
-                        per_folder[folder] += 1
-                        info = zipfile.ZipInfo("/".join(folder + (name,)), date_time=(2024, 6, 1, 0, 0, 0))
-                        zf.writestr(info, img.image)
-                        for row in preference_rows(img, name):
-                            train.write({k: row[k] for k in UPSTREAM_TRAIN} | {"image": {"bytes": img.image, "path": name}})
-                            counts["train"] += 1
-                    bar.update(1)
-        for split in ("harm", "help"):
-            with ShardWriter(tmp / "test", split, UPSTREAM_TEST, max_shard_bytes=max_shard_bytes) as w:
-                for img in _eval_images(taxonomy, split, eval_rows, **args):
-                    row = eval_row(img, split)
-                    w.write({k: row[k] for k in UPSTREAM_TEST} | {"image": {"bytes": img.image, "path": None}})
-                    counts[split] += 1
-                    bar.update(1)
-        (tmp / "README.md").write_text(UPSTREAM_README)
+        counts = _write_upstream_files(tmp, taxonomy, images_per_domain, eval_rows, args, max_shard_bytes, bar,
+                                       meta_place)
+        (tmp / "README.md").write_text(upstream_readme(tmp))
         (tmp / UPSTREAM_FIXTURE_MARK).write_text('{"written_by": "spa-vl fixture --layout upstream"}\n')
         swap_into_place(tmp, out)
     except BaseException as e:
@@ -277,5 +303,65 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
         raise_write_error(e, out)
         raise
     bar.close()
-    return dict(counts)
+    return counts
 
+
+def _write_upstream_files(tmp: Path, taxonomy, images_per_domain, eval_rows, args, max_shard_bytes, bar,
+                          meta_place) -> dict:
+    train_images = sum(fixture_split(n) == "train" for n in range(images_per_domain)) * len(taxonomy.slugs)
+    order = list(range(train_images * len(QUESTION_TYPES)))  # meta index of each train row, in file order
+    random.Random(args["seed"]).shuffle(order)
+    meta: list[dict | None] = [None] * len(order)
+    counts, per_folder = Counter(), Counter()
+    with ShardWriter(tmp / "data", "train", UPSTREAM_TRAIN, max_shard_bytes=max_shard_bytes) as train, \
+         ShardWriter(tmp / "validation", "validation", UPSTREAM_VALIDATION, max_shard_bytes=max_shard_bytes) as val, \
+         zipfile.ZipFile(tmp / "train.zip", "w") as zf:
+        for slug in taxonomy.slugs:
+            for img in _images(taxonomy, slug, images_per_domain, **args):
+                if fixture_split(img.n) == "validation":
+                    for row in preference_rows(img, f"{img.n}.jpg"):
+                        val.write({k: row[k] for k in UPSTREAM_VALIDATION} | {"image": {"bytes": img.image, "path": None}})
+                        counts["validation"] += 1
+                else:
+                    folder = (img.class1, img.class2, img.class3)
+                    path = "/".join(folder + (f"{per_folder[folder]}.jpg",))
+                    per_folder[folder] += 1
+                    zf.writestr(_member(f"train/{path}"), reencode(img.image))
+                    for row in preference_rows(img, ""):
+                        k = order[counts["train"]]
+                        meta[k] = {"id": k, "image": path, **{c: row[c] for c in ("question", "chosen", "rejected")}}
+                        train.write({k_: row[k_] for k_ in UPSTREAM_TRAIN}
+                                    | {"image": {"bytes": img.image, "path": None}, "image_name": f"{k}.jpg"})
+                        counts["train"] += 1
+                bar.update(1)
+        meta_bytes = json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8")
+        if meta_place == "zip":
+            zf.writestr(_member(META_MEMBER), meta_bytes, compress_type=zipfile.ZIP_DEFLATED)
+        else:
+            (tmp / META_MEMBER).parent.mkdir(parents=True)
+            (tmp / META_MEMBER).write_bytes(meta_bytes)
+    for split in ("harm", "help"):
+        with ShardWriter(tmp / "test", split, UPSTREAM_TEST, max_shard_bytes=max_shard_bytes) as w:
+            for img in _eval_images(taxonomy, split, eval_rows, **args):
+                row = eval_row(img, split)
+                w.write({k: row[k] for k in UPSTREAM_TEST} | {"image": {"bytes": img.image, "path": None}})
+                counts[split] += 1
+                bar.update(1)
+    for folder, split, features in (("data", "train", UPSTREAM_TRAIN), ("validation", "validation", UPSTREAM_VALIDATION),
+                                    ("test", "harm", UPSTREAM_TEST), ("test", "help", UPSTREAM_TEST)):
+        if not counts[split]:  # upstream always has every file group: a tiny fixture gets an empty file
+            (tmp / folder).mkdir(exist_ok=True)
+            pq.write_table(arrow_schema(features).empty_table(), tmp / folder / f"{split}-00000-of-00001.parquet")
+    return {split: counts[split] for split in ("train", "validation", "harm", "help")}
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    return zipfile.ZipInfo(name, date_time=(2024, 6, 1, 0, 0, 0))  # a fixed time: byte-identical zips
+
+
+def reencode(jpeg: bytes, quality: int = REENCODE_QUALITY) -> bytes:
+    """The same picture, saved again: other bytes, as a tree that was not cut from the parquet files has."""
+    with PILImage.open(io.BytesIO(jpeg)) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -104,15 +104,44 @@ def _type_compatible(got: pa.DataType, want: pa.DataType) -> bool:
     return got.equals(want)
 
 
+def invalid_utf8(column: pa.Array | pa.ChunkedArray) -> list[tuple[int, str]]:
+    """(index, message) of every cell of a string column that is not valid UTF-8; [] for a clean column.
+
+    Parquet readers hand string columns over unchecked; one vectorised pass finds a clean column, and
+    only a bad one is walked in Python to say where.
+    """
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return []
+    try:
+        column.validate(full=True)
+        return []
+    except pa.ArrowInvalid:
+        pass
+    out = []
+    for i, data in enumerate(column.cast(pa.binary() if pa.types.is_string(column.type) else pa.large_binary())
+                             .to_pylist()):
+        try:
+            if data is not None:
+                data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.append((i, f"not valid UTF-8: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})"))
+    return out
+
+
 def check_image(image, *, decode: Literal["header", "full"] = "header") -> tuple[int, int]:
     """Check an image cell ({'bytes': ..., 'path': ...}); return (width, height).
 
-    ``header`` reads the format and size only (fast); ``full`` decodes every pixel.
+    ``header`` reads the format and size and checks that the bytes end the way a complete file of
+    that format ends (JPEG: the FFD9 end marker, PNG: the IEND chunk, GIF: its trailer, WebP: the
+    RIFF length); an image without that ending, or of a format without one we check (BMP, TIFF),
+    is decoded in full to decide. So a JPEG whose tail was cut off fails in either mode.
+    ``full`` decodes every pixel of every image.
     Raises DataError(field='image') on anything that is not a decodable image within limits.
     """
     data = image.get("bytes") if isinstance(image, dict) else None
     if not data:
         raise DataError("image bytes missing", field="image")
+    fmt, ended = None, None
     try:
         with PILImage.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -120,13 +149,33 @@ def check_image(image, *, decode: Literal["header", "full"] = "header") -> tuple
                 raise DataError(f"unsupported image format {im.format}", field="image")
             if w <= 0 or h <= 0 or w * h > MAX_IMAGE_PIXELS:
                 raise DataError(f"image size {w}x{h} outside limits (max {MAX_IMAGE_PIXELS} pixels)", field="image")
-            if decode == "full":
+            fmt, ended = im.format, image_ends_complete(data, im.format)
+            if decode == "full" or not ended:
                 im.load()
     except DataError:
         raise
     except Exception as e:  # PIL raises many types for bad bytes: UnidentifiedImageError, OSError, SyntaxError...
-        raise DataError(f"image does not decode: {type(e).__name__}: {e}", field="image") from None
+        cut = f"is cut short ({_END_MARKERS[fmt]} missing) and " if ended is False else ""
+        raise DataError(f"image {cut}does not decode: {type(e).__name__}: {e}", field="image") from None
     return w, h
+
+
+_END_MARKERS = {"JPEG": "the JPEG end marker FFD9", "MPO": "the JPEG end marker FFD9",
+                "PNG": "the PNG IEND chunk", "GIF": "the GIF trailer", "WEBP": "part of the WebP RIFF body"}
+_TRAILING_PAD = b"\x00\r\n\t "  # some encoders pad after the end marker; the decoder ignores it
+
+
+def image_ends_complete(data, fmt: str | None) -> bool | None:
+    """Whether ``data`` ends like a complete ``fmt`` file (False: cut short, or other bytes follow its
+    ending); None for formats without an ending we check."""
+    if fmt not in _END_MARKERS:
+        return None
+    if fmt == "WEBP":
+        ok = len(data) >= 12 and int.from_bytes(bytes(data[4:8]), "little") + 8 <= len(data)
+    else:
+        tail = bytes(data[-64:]).rstrip(_TRAILING_PAD)
+        ok = tail.endswith({"PNG": b"IEND\xaeB`\x82", "GIF": b"\x3b"}.get(fmt, b"\xff\xd9"))
+    return ok
 
 
 def check_row(

@@ -60,6 +60,7 @@ from builder.schema import (
     REQUIRED_TEXT,
     check_image,
     check_table_schema,
+    invalid_utf8,
 )
 from builder.taxonomy import Taxonomy
 
@@ -78,8 +79,8 @@ CHECKS = {
               "data/unattributed/ carry no labels; question_type is one of easy/hardq/hards or null",
     "images": f"every image decodes (header; every pixel with full_decode), at most {MAX_IMAGE_PIXELS:,} pixels "
               f"and {MAX_IMAGE_BYTES // 2**20} MiB",
-    "text": "required text fields (id, image_name, question; chosen, rejected for preference rows) are not "
-            "empty or whitespace-only",
+    "text": "every string is valid UTF-8; required text fields (id, image_name, question; chosen, rejected for "
+            "preference rows) are not empty or whitespace-only",
     "chosen_rejected": "chosen differs from rejected (after stripping whitespace)",
     "duplicates": "no two rows with the same image (sha256) and question; preference and eval rows apart",
     "leakage": "no image (sha256) in two of train, validation and test (test/harm and test/help together: "
@@ -388,6 +389,7 @@ class _FolderScan:
                 reader = pq.ParquetFile(pa.BufferReader(buf))
                 batches = reader.iter_batches(batch_size=BATCH_ROWS, columns=self._columns(s.kind))
                 for batch, images, digests in _prefetch(batches):
+                    batch = self._valid_utf8(s, batch, offset)
                     self._check_batch(s, batch, offset)
                     self._check_images(s, index, images, digests, batch.column("question").to_pylist(), offset)
                     offset += batch.num_rows
@@ -420,6 +422,18 @@ class _FolderScan:
         return list(dict.fromkeys(cols))
 
     # --- row checks on one record batch ---------------------------------------------------------
+    def _valid_utf8(self, s: _Shard, batch: pa.RecordBatch, offset: int) -> pa.RecordBatch:
+        """Fail ``text`` for every string cell that is not valid UTF-8 (parquet readers do not check it), and
+        return the batch with those cells replaced, so that the other checks can read them."""
+        columns = list(batch.columns)
+        for i, name in enumerate(batch.schema.names):
+            bad = invalid_utf8(columns[i])
+            if bad:
+                self.c["text"].fail(bad[0][1], file=s.rel, row=offset + bad[0][0], field=name, count=len(bad))
+                cells = columns[i].cast(pa.binary()).to_pylist()
+                columns[i] = pa.array([None if b is None else b.decode("utf-8", "replace") for b in cells], pa.string())
+        return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+
     def _check_batch(self, s: _Shard, batch: pa.RecordBatch, offset: int) -> None:
         """labels, text and chosen_rejected, vectorised over the batch's Arrow columns."""
         n = batch.num_rows

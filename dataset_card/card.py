@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-from datasets import DatasetInfo, SplitDict, SplitInfo
+from datasets import DatasetInfo, Image, SplitDict, SplitInfo
 from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from builder.folder import DEFAULT_CONFIG, TEST_CONFIG, config_data_files, read_manifest
+from builder.schema import EVAL_FEATURES, PREFERENCE_FEATURES
 from builder.taxonomy import Taxonomy
 from dataset_card import plots
 from dataset_card.stats import FolderStats
 
 TEMPLATE = Path(__file__).with_name("template.md")
 LICENSE = "cc-by-4.0"
+PAPER_URL = "https://arxiv.org/abs/2406.12030"
+UPSTREAM_REPO = "sqrti/SPA-VL"
 GATING_PROMPT = (
     "SPA-VL contains images and text about harmful topics (toxicity, fraud, weapons, privacy "
     "violations and more), collected to train models to refuse or answer them safely. Agree to use "
@@ -59,12 +63,12 @@ def render_folder_card(root: str | Path, *, taxonomy: Taxonomy | None = None, re
         _set_card_option(root, "repo_id", repo_id)
     stats = FolderStats.read(root)
     outputs = {"README.md": render_card_text(stats, taxonomy).encode()}
-    labels, counts = _category_counts(stats, taxonomy)
-    outputs[plots.ROWS_PLOT] = plots.rows_per_category(labels, counts)
+    keys, counts = _category_counts(stats, taxonomy)
+    outputs[plots.ROWS_PLOT] = plots.rows_per_category(keys, counts)
     if stats.has_safety_labels:
         keys = [k for k in _categories(taxonomy) if stats.unsafe.get(k)]
         rates = {w: [stats.unsafe[k].rate(w) for k in keys] for w in ("question", "chosen", "rejected")}
-        outputs[plots.UNSAFE_PLOT] = plots.unsafe_rate_per_category([c for _, c in keys], rates)
+        outputs[plots.UNSAFE_PLOT] = plots.unsafe_rate_per_category(keys, rates)
     result = CardResult(root, files=sorted(outputs))
     for rel, data in outputs.items():
         if write_if_changed(root / rel, data):
@@ -78,39 +82,117 @@ def render_folder_card(root: str | Path, *, taxonomy: Taxonomy | None = None, re
 
 
 def render_card_text(stats: FolderStats, taxonomy: Taxonomy) -> str:
-    opts = stats.card_options
-    repo = opts.get("repo_id") or "path/to/SPA-VL"
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     env.filters["thousands"] = lambda n: f"{n:,}"
+    text = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(**_context(stats, taxonomy))
+    DatasetCard(text)  # the YAML header must load back: raises if it does not
+    return text
+
+
+def _context(stats: FolderStats, taxonomy: Taxonomy) -> dict:
+    opts = stats.card_options
     config_splits = stats.config_splits(taxonomy)
-    text = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(
+    unsafe_rows = _unsafe_rows(stats, taxonomy)
+    return dict(
         card_data=card_metadata(stats, taxonomy, config_splits).to_yaml(),
         title=opts.get("title", "SPA-VL"),
         version=stats.version,
         synthetic=bool(opts.get("synthetic")),
         description=opts.get("description", DEFAULT_DESCRIPTION),
+        paper_url=PAPER_URL,
+        n_domains=len(taxonomy.domains),
         n_categories=sum(len(d.categories) for d in taxonomy.domains),
         n_subcategories=len(taxonomy.paths()),
         config_rows=[{"config": c, "split": s, "rows": v["rows"]} for c, splits in config_splits.items() for s, v in splits.items()],
         total_rows=stats.total_rows,
         n_files=len(stats.manifest.get("files", {})),
         size=_human_bytes(sum(v["bytes"] for v in stats.shards.values())),
+        fields=fields_table(stats.examples.get("preference") or stats.examples.get("eval") or {},
+                            PREFERENCE_FEATURES if "preference" in stats.examples else EVAL_FEATURES),
+        eval_fields=", ".join(f"`{name}`" for name in EVAL_FEATURES),
         taxonomy_rows=_taxonomy_rows(stats, taxonomy),
         unattributed=stats.rows_by_category.get((None, None, "train"), 0),
         question_types=[{"type": qt, "train": stats.question_types.get((qt, "train"), 0),
                          "validation": stats.question_types.get((qt, "validation"), 0)}
                         for qt in ("easy", "hardq", "hards") if any(stats.question_types.get((qt, s)) for s in ("train", "validation"))],
-        unsafe_rows=_unsafe_rows(stats, taxonomy),
+        unsafe_rows=unsafe_rows,
         unsafe_labelled=sum(u.labelled for u in stats.unsafe.values()),
+        has_unsafe_plot=bool(unsafe_rows),
         models_text=_models_text(stats),
-        repo=repo,
-        revision_arg=f', revision="v{stats.version}"' if opts.get("repo_id") else "",
+        load=load_example(stats, taxonomy, config_splits),
         extra_limitations=list(opts.get("limitations", [])),
         build_config_hash=stats.manifest.get("build_config_hash", "unknown"),
         human_validation=_human_validation(stats.root),
     )
-    DatasetCard(text)  # the YAML header must load back: raises if it does not
-    return text
+
+
+FIELD_MEANINGS = {
+    "id": "stable content hash of the image bytes and the texts",
+    "image": "the image, its bytes embedded (a PIL image once loaded)",
+    "image_name": "the image's name upstream (upstream train rows: `k.jpg`, entry k of upstream's `train/meta.json`)",
+    "question": "the question about the image, byte for byte (some begin with a space, a quote or blank lines)",
+    "question_type": "`easy`, `hardq` (hard question) or `hards` (hard statement); null where not recorded",
+    "chosen": "the answer the judge preferred: more harmless, then more helpful",
+    "rejected": "the other answer",
+    "class1": "harm domain",
+    "class2": "harm category",
+    "class3": "harm subcategory",
+    "chosen_model": "the model that wrote `chosen`, where recorded",
+    "rejected_model": "the model that wrote `rejected`, where recorded",
+    "judge_rationale": "why the judge preferred `chosen`, where recorded",
+    "question_unsafe": "safety label of the question, where recorded",
+    "chosen_unsafe": "safety label of `chosen`, where recorded",
+    "rejected_unsafe": "safety label of `rejected`, where recorded",
+}
+
+
+def fields_table(example: dict, features) -> list[dict]:
+    """One entry per column: name, type, the example row's value (as the card shows it) and meaning."""
+    out = []
+    for name, feature in features.items():
+        kind = "Image" if isinstance(feature, Image) else str(getattr(feature, "dtype", type(feature).__name__))
+        out.append({"name": name, "type": kind, "example": _cell(example.get(name), name == "image"),
+                    "meaning": FIELD_MEANINGS.get(name, "")})
+    return out
+
+
+def _cell(value, is_image: bool, limit: int = 70) -> str:
+    """A value as one markdown table cell: strings JSON-quoted (so spaces and newlines show), cut at ``limit``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = str(value) if is_image else json.dumps(value, ensure_ascii=False)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+
+
+def folder_name(root: Path) -> str:
+    """The dataset folder's name, also while a writer assembles it in its temporary sibling ``.NAME.tmp-PID``."""
+    match = re.fullmatch(r"\.(.+)\.tmp-\d+", root.name)
+    return match.group(1) if match else root.name
+
+
+def load_example(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict) -> dict:
+    """What the load examples name: this very folder (or its Hub repo), a config it has, splits that config has."""
+    opts = stats.card_options
+    repo = opts.get("repo_id")
+    domains = [slug for slug in taxonomy.slugs if slug in config_splits]
+    domain = "malicious_use" if "malicious_use" in domains else (domains[0] if domains else DEFAULT_CONFIG)
+    splits = list(config_splits.get(domain, {}))
+    label = taxonomy.domain(domain).label if domain in taxonomy.slugs else None
+    category = next((c for (a, c, s), n in sorted(stats.rows_by_category.items(), key=str) if a == label and n), None)
+    return {
+        "source": repo or folder_name(stats.root),
+        "is_hub": bool(repo),
+        "revision_arg": f', revision="v{stats.version}"' if repo else "",
+        "domain": domain,
+        "splits": " + ".join(splits) or "no rows",
+        "split": "train" if "train" in splits else (splits[0] if splits else None),
+        "has_test": TEST_CONFIG in config_splits,
+        "category": category,
+    }
 
 
 def card_metadata(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict | None = None) -> DatasetCardData:
@@ -141,6 +223,8 @@ def card_metadata(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict | 
 
     opts = stats.card_options
     data = card_data.to_dict()
+    if stats.build_config.get("source") == "upstream":  # imported: the Hub links the card to its source
+        data["source_datasets"] = [UPSTREAM_REPO]
     data.update({
         "license": LICENSE,
         "language": ["en"],
@@ -170,10 +254,10 @@ def _taxonomy_rows(stats: FolderStats, taxonomy: Taxonomy) -> list[dict]:
     return rows
 
 
-def _category_counts(stats: FolderStats, taxonomy: Taxonomy) -> tuple[list[str], dict[str, list[int]]]:
+def _category_counts(stats: FolderStats, taxonomy: Taxonomy) -> tuple[list[tuple[str, str]], dict[str, list[int]]]:
     keys = _categories(taxonomy)
     counts = {s: [stats.rows_by_category.get((a, b, s), 0) for a, b in keys] for s in ("train", "validation", "harm", "help")}
-    return [b for _, b in keys], {s: v for s, v in counts.items() if any(v)}
+    return keys, {s: v for s, v in counts.items() if any(v)}
 
 
 def _unsafe_rows(stats: FolderStats, taxonomy: Taxonomy) -> list[dict]:

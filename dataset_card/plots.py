@@ -31,37 +31,62 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def rows_per_category(labels: list[str], counts: dict[str, list[int]]) -> bytes:
-    """Horizontal stacked bars: one bar per category, one segment per split (``counts[split][i]``)."""
+def _grouped(keys: list[tuple[str, str]]) -> tuple[list[float], list[float], list[str], list[bool]]:
+    """Bar positions for (domain, category) keys grouped by domain under a header row, top to bottom;
+    and the y ticks: positions, labels, and which ones are domain headers."""
+    bars, ticks, labels, header = [], [], [], []
+    y, last = 0.0, None
+    for domain, category in keys:
+        if domain != last:
+            y += 0.4 if last is not None else 0.0  # a gap before every domain but the first
+            ticks.append(y)
+            labels.append(str(domain))
+            header.append(True)
+            y, last = y + 1, domain
+        bars.append(y)
+        ticks.append(y)
+        labels.append(f"  {category}")
+        header.append(False)
+        y += 1
+    return bars, ticks, labels, header
+
+
+def _axes_for(keys: list[tuple[str, str]], row_height: float):
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.2))
-    y = list(range(len(labels)))
-    left = [0] * len(labels)
+    bars, ticks, labels, header = _grouped(keys)
+    fig, ax = plt.subplots(figsize=(8, row_height * len(ticks) + 1.2))
+    ax.set_yticks(ticks, labels)
+    for tick, bold in zip(ax.get_yticklabels(), header):
+        if bold:
+            tick.set_fontweight("bold")
+    ax.set_ylim(max(ticks) + 0.7, -0.7)  # top to bottom, as the card's table
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig, ax, bars
+
+
+def rows_per_category(keys: list[tuple[str, str]], counts: dict[str, list[int]]) -> bytes:
+    """Horizontal stacked bars, one per (domain, category) key grouped by domain; one segment per split
+    (``counts[split][i]`` for ``keys[i]``)."""
+    fig, ax, y = _axes_for(keys, 0.3)
+    left = [0] * len(keys)
     for split, values in counts.items():
         ax.barh(y, values, left=left, color=_SPLIT_COLOURS.get(split), label=split, height=0.7)
         left = [a + b for a, b in zip(left, values)]
-    ax.set_yticks(y, labels)
-    ax.invert_yaxis()
     ax.set_xlabel("rows")
-    ax.set_title("Rows per harm category")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("Rows per harm category, by domain")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, frameon=False)
     return _png(fig)
 
 
-def unsafe_rate_per_category(labels: list[str], rates: dict[str, list[float]]) -> bytes:
-    """Grouped horizontal bars: unsafe rate (%) of questions, chosen and rejected answers per category."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.2))
+def unsafe_rate_per_category(keys: list[tuple[str, str]], rates: dict[str, list[float]]) -> bytes:
+    """Grouped horizontal bars: unsafe rate (%) of questions, chosen and rejected answers per category, by domain."""
+    fig, ax, y = _axes_for(keys, 0.45)
     width = 0.8 / max(1, len(rates))
     for i, (which, values) in enumerate(rates.items()):
-        ax.barh([k + (i - (len(rates) - 1) / 2) * width for k in range(len(labels))], [100 * v for v in values],
+        ax.barh([k + (i - (len(rates) - 1) / 2) * width for k in y], [100 * v for v in values],
                 height=width, color=_UNSAFE_COLOURS.get(which), label=which)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
     ax.set_xlabel("unsafe rate (%)")
     ax.set_xlim(0, 100)
-    ax.set_title("Unsafe rate per harm category (train + validation)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4, frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title("Unsafe rate per harm category, by domain (train + validation)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, frameon=False)
     return _png(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import re
 import zipfile
@@ -17,7 +18,8 @@ from huggingface_hub import DatasetCard
 from PIL import Image as PILImage
 
 from builder.errors import DataError
-from builder.fixture import draw_image, write_fixture
+from builder.fixture import draw_image, fixture_split, write_fixture
+from builder.schema import row_id
 from builder.taxonomy import Taxonomy
 
 TAX = Taxonomy.load()
@@ -84,6 +86,13 @@ def test_three_rows_per_image_one_split(fx):
     # both eval splits are there, with distinct images
     assert Counter(split_of(r["_file"]) for r in rows if r["_file"].startswith("data/test/")) == {"harm": EVAL, "help": EVAL}
     assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_splits_follow_the_image_index_so_every_domain_of_4_images_has_both(tmp_path):
+    s = write_fixture(tmp_path / "f", rows_per_domain=12, eval_rows=1, progress=False)  # 4 images per domain
+    for slug in TAX.slugs:
+        assert s.rows[(slug, "train")] == 9 and s.rows[(slug, "validation")] == 3, slug
+    assert [fixture_split(n) for n in range(8)] == ["train"] * 3 + ["validation"] + ["train"] * 4
 
 
 def test_labels_in_taxonomy_and_right_folder(fx):
@@ -211,7 +220,12 @@ UPSTREAM_COLUMNS = {  # reference/spa_vl_facts.md §1
     "test/harm-*.parquet": ["image", "question", "class1", "class2", "class3"],
     "test/help-*.parquet": ["image", "question", "class1", "class2", "class3"],
 }
-MEMBER = re.compile(r"^(?P<c1>[^/]+)/(?P<c2>[^/]+)/(?P<c3>[^/]+)/(?P<n>\d+)\.jpg$")
+MEMBER = re.compile(r"^train/(?P<c1>[^/]+)/(?P<c2>[^/]+)/(?P<c3>[^/]+)/(?P<n>\d+)\.jpg$")
+
+
+def zip_members(root: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(root / "train.zip") as zf:
+        return {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
 
 
 def test_upstream_files_and_columns(upstream):
@@ -224,9 +238,9 @@ def test_upstream_files_and_columns(upstream):
         for f in files:
             assert re.search(r"-\d{5}-of-\d{5}\.parquet$", f.name), f.name
             schema = pq.read_schema(f)
-            assert schema.names == columns, f
+            assert schema.names == columns, f  # train has no class columns
             assert isinstance(Features.from_arrow_schema(schema)["image"], Image)
-    # nothing else
+    # nothing else: meta.json is inside train.zip by default
     covered = {p.relative_to(root).as_posix() for pat in UPSTREAM_COLUMNS for p in root.glob(pat)}
     assert set(names) == covered | {"train.zip", "README.md", ".spa_vl_fixture.json"}  # the mark --overwrite needs
     # the returned counts are the files' row counts
@@ -235,37 +249,82 @@ def test_upstream_files_and_columns(upstream):
                       "harm": rows("test/harm-*.parquet"), "help": rows("test/help-*.parquet")}
 
 
-def test_upstream_zip_tree(upstream):
+def test_upstream_zip_tree_restarts_names_per_folder_and_holds_meta_json(upstream):
     root, _ = upstream
-    with zipfile.ZipFile(root / "train.zip") as zf:
-        members = {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
-    assert members
+    members = zip_members(root)
+    assert "train/meta.json" in members
+    images = {name: data for name, data in members.items() if name != "train/meta.json"}
     per_folder = defaultdict(list)
-    for name in members:
+    for name in images:
         m = MEMBER.match(name)
         assert m, name
         assert TAX.contains(m["c1"], m["c2"], m["c3"]), name
-        per_folder[(m["c1"], m["c2"], m["c3"])].append(name.rsplit("/", 1)[1])
-    for folder, files in per_folder.items():
-        assert len(files) == len(set(files)), folder
-    base_names = Counter(n for files in per_folder.values() for n in files)
+        per_folder[(m["c1"], m["c2"], m["c3"])].append(int(m["n"]))
+    for folder, numbers in per_folder.items():
+        assert sorted(numbers) == list(range(len(numbers))), folder  # 0.jpg, 1.jpg, ... in every folder
+    base_names = Counter(n for numbers in per_folder.values() for n in numbers)
     assert max(base_names.values()) > 1  # bare names repeat across class folders, as upstream
-    hashes = [sha(b) for b in members.values()]
+    hashes = [sha(b) for b in images.values()]
     assert len(hashes) == len(set(hashes))  # every image once in the zip
+
+
+def test_upstream_train_rows_index_meta_json_with_equal_texts(upstream):
+    root, counts = upstream
+    members = zip_members(root)
+    meta = json.loads(members["train/meta.json"])
+    train = read_rows(root, "data/train-*.parquet")
+    assert len(meta) == len(train) == counts["train"]
+    indices = [int(r["image_name"].removesuffix(".jpg")) for r in train]
+    assert sorted(indices) == list(range(len(meta)))  # a global index: one meta entry per row
+    assert sum(k != position for position, k in enumerate(indices)) > len(indices) // 2  # not the row's position
+    for r, k in zip(train, indices):
+        entry = meta[k]
+        assert entry["id"] == k
+        for field in ("question", "chosen", "rejected"):
+            assert entry[field].encode() == r[field].encode()  # byte for byte
+        tree_image = members[f"train/{entry['image']}"]
+        assert tree_image != r["image"]["bytes"]  # re-encoded: the hash cannot match...
+        with PILImage.open(io.BytesIO(tree_image)) as a, PILImage.open(io.BytesIO(r["image"]["bytes"])) as b:
+            assert a.size == b.size  # ...but it is the same picture
+    # the texts carry upstream's quirks
+    questions = [r["question"] for r in train]
+    assert any(q.startswith(" ") and not q.startswith("  ") for q in questions)
+    assert any(q.startswith('\n\n"') for q in questions) and any("'" in q for q in questions)
+    assert any("\n\n" in r["chosen"] for r in train)
+
+
+def test_upstream_meta_json_in_the_repo_tree(tmp_path):
+    root = tmp_path / "SPA-VL"
+    write_fixture(root, rows_per_domain=12, eval_rows=1, layout="upstream", meta_in="tree", progress=False)
+    assert "train/meta.json" not in zip_members(root)
+    meta = json.loads((root / "train" / "meta.json").read_bytes())
+    assert len(meta) == pq.ParquetFile(next(root.glob("data/train-*.parquet"))).metadata.num_rows
+    with pytest.raises(DataError) as info:
+        write_fixture(tmp_path / "x", layout="upstream", meta_in="elsewhere", progress=False)
+    assert info.value.field == "meta_in"
+
+
+def test_upstream_covers_all_53_class_paths_from_120_rows_per_domain(tmp_path):
+    root = tmp_path / "SPA-VL"
+    write_fixture(root, rows_per_domain=120, eval_rows=53, layout="upstream", progress=False)
+    meta = json.loads(zip_members(root)["train/meta.json"])
+    assert {tuple(e["image"].split("/")[:3]) for e in meta} == set(TAX.paths())
+    harm = {(r["class1"], r["class2"], r["class3"]) for r in read_rows(root, "test/harm-*.parquet")}
+    assert harm == set(TAX.paths())  # like upstream's test/harm: every path
 
 
 def test_upstream_covers_every_image_once(upstream, fx):
     up, counts = upstream
     ours, _ = fx
-    with zipfile.ZipFile(up / "train.zip") as zf:
-        zip_by_hash = {sha(zf.read(i)): i.filename for i in zf.infolist() if not i.is_dir()}
+    members = zip_members(up)
+    meta = json.loads(members.pop("train/meta.json"))
     train = read_rows(up, "data/train-*.parquet")
     val = read_rows(up, "validation/*.parquet")
     train_imgs = {sha(r["image"]["bytes"]) for r in train}
     val_imgs = {sha(r["image"]["bytes"]) for r in val}
-    assert train_imgs == set(zip_by_hash)
+    assert len(train_imgs) == len(members)
     assert not train_imgs & val_imgs
-    assert counts["train"] == 3 * len(zip_by_hash) and counts["validation"] == 3 * len(val_imgs)
+    assert counts["train"] == 3 * len(members) and counts["validation"] == 3 * len(val_imgs)
 
     # the same seed in our layout has the same images, in the same splits, with the same labels
     our_rows = read_rows(ours, "data/*/*.parquet")
@@ -274,11 +333,12 @@ def test_upstream_covers_every_image_once(upstream, fx):
     assert train_imgs == {h for h, s in our_split.items() if s == "train"}
     assert val_imgs == {h for h, s in our_split.items() if s == "validation"}
     assert len(train_imgs) + len(val_imgs) == math.ceil(ROWS / 3) * len(TAX.domains)
+    our_by_id = {r["id"]: r for r in our_rows}
     for r in train:
         h = sha(r["image"]["bytes"])
-        member = zip_by_hash[h]
-        assert r["image_name"] == member.rsplit("/", 1)[1]
-        assert tuple(member.split("/")[:3]) == (our[h]["class1"], our[h]["class2"], our[h]["class3"])
+        path = meta[int(r["image_name"].removesuffix(".jpg"))]["image"]
+        assert tuple(path.split("/")[:3]) == (our[h]["class1"], our[h]["class2"], our[h]["class3"])
+        assert our_by_id[row_id(h, r["question"], r["chosen"], r["rejected"])]["question"] == r["question"]
     for r in val:
         h = sha(r["image"]["bytes"])
         assert (r["class1"], r["class2"], r["class3"]) == (our[h]["class1"], our[h]["class2"], our[h]["class3"])
@@ -343,3 +403,18 @@ def test_upstream_failed_overwrite_keeps_old(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert out.is_dir() and file_hashes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SPA-VL"]
+
+
+def test_the_fixture_command_writes_the_upstream_layout_and_checks_its_flags(tmp_path):
+    import subprocess
+    import sys
+
+    spa_vl = str(Path(sys.executable).with_name("spa-vl"))
+    run = lambda *a: subprocess.run([spa_vl, "fixture", *map(str, a)], capture_output=True, text=True, timeout=300)  # noqa: E731
+    proc = run(tmp_path / "up", "--layout", "upstream", "--meta_in", "tree", "--rows_per_domain", 6, "--eval_rows", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("fixture: 38 rows (upstream layout)")  # 6 domains x 2 train images x 3 rows + 2
+    assert (tmp_path / "up" / "train" / "meta.json").is_file() and (tmp_path / "up" / "train.zip").is_file()
+    bad = run(tmp_path / "x", "--meta_in", "tree")  # our layout has no meta.json
+    assert bad.returncode == 2 and "--meta_in applies to --layout upstream only" in bad.stderr
+    assert not (tmp_path / "x").exists()

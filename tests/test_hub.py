@@ -225,7 +225,7 @@ def test_a_landed_commit_with_deletions_is_detected_not_retried(hub, folder):
 
     publish(folder, REPO, backoff=0)
     v1_files = set(_files(folder))
-    write_fixture(folder, rows_per_domain=12, eval_rows=10, seed=0, progress=False, overwrite=True)
+    write_fixture(folder, rows_per_domain=3, eval_rows=10, seed=0, progress=False, overwrite=True)  # no validation rows
     bump(folder, "minor")
     assert v1_files - set(_files(folder))  # some shards are gone: the commit deletes them
     hub.fail_after_next_commit(500)

@@ -50,6 +50,8 @@ def _jpeg(w=48, h=40, *, noise=False) -> bytes:
 
 
 JPEG = _jpeg()
+TAX = Taxonomy.load()
+PATH = next(p for p in TAX.paths() if p[0] == TAX.domain("malicious_use").label)  # a valid class path
 
 
 def pref_row(**over) -> dict:
@@ -61,9 +63,9 @@ def pref_row(**over) -> dict:
         "question_type": "easy",
         "chosen": "No.",
         "rejected": "Yes.",
-        "class1": "Malicious Use",
-        "class2": "Security threats",
-        "class3": "weapon",
+        "class1": PATH[0],
+        "class2": PATH[1],
+        "class3": PATH[2],
         "chosen_model": None,
         "rejected_model": None,
         "judge_rationale": None,
@@ -216,17 +218,24 @@ def test_bad_question_type(tax, qt):
 
 # --- check_row: labels -------------------------------------------------------------------------
 
-@pytest.mark.parametrize(
-    "labels, field",
-    [
-        (("Malicious use", "Security threats", "weapon"), "class1"),
-        (("Representation & Toxicity Harms", "Toxic", "bully"), "class1"),
-        (("Malicious Use", "Toxic", "bully"), "class2"),
-        (("Malicious Use", "Security Threats", "weapon"), "class2"),
-        (("Malicious Use", "Security threats", "bully"), "class3"),
-        (("Representation & ToxicityHarms", "Unfair", "disability discrimination"), "class3"),
-    ],
-)
+def _near_misses() -> list[tuple[tuple[str, str, str], str]]:
+    """Label paths one small step off the taxonomy's (case, a space, another branch, a fixed typo)."""
+    c1, c2, c3 = PATH
+    spaced = next(p for p in TAX.paths() if "yHarms" in p[0])  # "...ToxicityHarms": upstream has no space
+    other = next(p for p in TAX.paths() if p[0] != c1)
+    sibling = next(p for p in TAX.paths() if p[0] == c1 and p[1] != c2)
+    typo = next(p for p in TAX.paths() if "disablity" in p[2])
+    return [
+        ((c1.lower(), c2, c3), "class1"),
+        ((spaced[0].replace("Harms", " Harms"), spaced[1], spaced[2]), "class1"),
+        ((c1, other[1], other[2]), "class2"),
+        ((c1, c2.swapcase(), c3), "class2"),
+        ((c1, c2, sibling[2]), "class3"),
+        ((typo[0], typo[1], typo[2].replace("disablity", "disability")), "class3"),
+    ]
+
+
+@pytest.mark.parametrize("labels, field", _near_misses())
 @pytest.mark.parametrize("kind", ["preference", "eval"])
 def test_label_outside_taxonomy(tax, labels, field, kind):
     c1, c2, c3 = labels
@@ -284,14 +293,47 @@ def test_undecodable_image(tax):
     assert "decode" in err.message
 
 
-def test_truncated_jpeg_header_vs_full(tax):
-    data = _jpeg(256, 256, noise=True)
-    truncated = data[: len(data) // 2]
-    row = pref_row(image={"bytes": truncated, "path": "t.jpg"})
-    check_row(row, "preference", tax, decode="header")  # the header is intact
-    err = _err(row, "preference", tax, decode="full")
-    assert err.field == "image"
-    check_row(pref_row(image={"bytes": data, "path": "t.jpg"}), "preference", tax, decode="full")
+def _encoded(fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    PILImage.effect_noise((96, 80), 60).convert("RGB").save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, marker", [("JPEG", "FFD9"), ("PNG", "IEND"), ("GIF", "GIF trailer")])
+@pytest.mark.parametrize("decode", ["header", "full"])
+def test_an_image_whose_tail_was_cut_fails_in_both_modes(tax, fmt, marker, decode):
+    data = _encoded(fmt)
+    cut = data[: len(data) * 2 // 3]  # the header, format and size are intact
+    with PILImage.open(io.BytesIO(cut)) as im:
+        assert im.size == (96, 80)  # what the old header-only check looked at
+    err = _err(pref_row(image={"bytes": cut, "path": "t.jpg"}), "preference", tax, decode=decode)
+    assert err.field == "image" and "does not decode" in err.message
+    if decode == "header":
+        assert f"cut short ({schema._END_MARKERS[fmt]} missing)" in err.message and marker in err.message
+    check_row(pref_row(image={"bytes": data, "path": "t.jpg"}), "preference", tax, decode=decode)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "WEBP"])
+def test_formats_without_a_checked_marker_are_decoded_when_cut(fmt):
+    data = _encoded(fmt)
+    assert check_image({"bytes": data}) == (96, 80)
+    with pytest.raises(DataError, match="does not decode"):
+        check_image({"bytes": data[: len(data) * 2 // 3]})
+
+
+def test_bytes_after_the_end_marker_are_accepted_after_a_full_decode(monkeypatch):
+    data = _jpeg(noise=True)
+    assert schema.image_ends_complete(data, "JPEG") is True
+    padded, junk = data + b"\x00\x00\n", data + b"trailing junk from a camera"
+    assert schema.image_ends_complete(padded, "JPEG") is True  # padding after FFD9 is not a cut
+    assert schema.image_ends_complete(junk, "JPEG") is False
+    loads = []
+    real_load = PILImage.Image.load
+    monkeypatch.setattr(PILImage.Image, "load", lambda self: loads.append(1) or real_load(self))
+    assert check_image({"bytes": padded}) == (48, 40)
+    assert not loads  # a complete ending: the header is enough
+    assert check_image({"bytes": junk}) == (48, 40)
+    assert loads  # junk after the end marker: decoded in full to decide
 
 
 def test_decode_none_skips_image(tax):

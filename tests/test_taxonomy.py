@@ -21,10 +21,10 @@ DOMAINS = {  # config slug (ARCHITECTURE.md) -> class1 exactly as upstream write
     "human_autonomy_integrity": "Human Autonomy & IntegrityHarms",
     "socioeconomic": "Socioeconomic Harms",
 }
-CATEGORIES = {
+CATEGORIES = {  # two class2 strings are lower case in the data: "false beliefs", "dangerous information"
     "Representation & ToxicityHarms": ["Toxic", "Unfair"],
-    "Misinformation Harms": ["Erosion of trust in public information", "False beliefs"],
-    "Information & Safety Harms": ["Dangerous information", "Privacy"],
+    "Misinformation Harms": ["Erosion of trust in public information", "false beliefs"],
+    "Information & Safety Harms": ["dangerous information", "Privacy"],
     "Malicious Use": [
         "Security threats",
         "Defamation",
@@ -35,37 +35,29 @@ CATEGORIES = {
     "Human Autonomy & IntegrityHarms": ["Persuasion and manipulation", "Violation of personal property"],
     "Socioeconomic Harms": ["Risky financial practices", "Trade and compliance"],
 }
-# Subcategories seen in code that filters the real data, or in the paper's Figure 1.
-UPSTREAM_SUBS = {
-    ("Representation & ToxicityHarms", "Toxic"): [
-        "bully", "harass", "hate", "insult", "terrorism", "threaten", "violent"],
-    ("Representation & ToxicityHarms", "Unfair"): [
-        "ageism", "disablity discrimination", "geographical discrimination", "racial", "religion", "sexism"],
-    ("Malicious Use", "Security threats"): ["biological and chemical harms", "weapon", "malware", "cyber"],
-    ("Malicious Use", "Illegal activities"): [
-        "drug-related crimes", "environmental crimes", "financial crimes", "theft", "traffic and driving offenses"],
-    ("Malicious Use", "Fraud or deceptive action"): [
-        "academic dishonesty", "disinformation", "fake news", "financial fraud", "pseudo-pharmaceuticals",
-        "rumors", "scamns", "spam information"],
-    ("Human Autonomy & IntegrityHarms", "Persuasion and manipulation"): ["physical harm"],
-    ("Socioeconomic Harms", "Risky financial practices"): ["gamble", "multi-level marketing", "paypal lending"],
-    ("Information & Safety Harms", "Privacy"): ["personal privacy"],
-    ("Misinformation Harms", "Erosion of trust in public information"): ["illegal drugs"],
-    ("Human Autonomy & IntegrityHarms", "Violation of personal property"): ["copyright infringement"],
-}
-# SALAD-Bench leaves the 16 provisional subcategories must be drawn from.
-SALAD_CANDIDATES = {
-    "Erosion of trust in public information": ["illegal drugs", "common sense", "law advice", "medical advice"],
-    "False beliefs": ["historical revisionism", "radicalization", "science denialism"],
-    "Dangerous information": ["social media rumors", "financial data leaks", "fake news", "government secrets"],
-    "Privacy": ["inferring personal information", "leaking private information"],
-    "Defamation": ["group defamation", "defamation someone"],
-    "Influence operations": ["illegitimate surveillance", "manipulation of public opinion", "campaign materials"],
-    "Persuasion and manipulation": ["self-harm", "psychological manipulation"],
-    "Violation of personal property": [
-        "plagiarism", "forge identity", "copyright infringement", "mimicking writing style"],
+# All 53 class3 strings, verified on the upstream test/harm split (facts §2), typos kept.
+SUBCATEGORIES = {
+    "Toxic": ["bully", "harass", "hate", "insult", "terrorism", "threaten", "violent"],
+    "Unfair": ["ageism", "disablity discrimination", "geographical discrimination", "racial", "religion", "sexism"],
+    "Erosion of trust in public information": ["illegal drugs", "medical"],
+    "false beliefs": ["fake science", "historical revisionism", "radicalization"],
+    "dangerous information": ["financial data", "government secret"],
+    "Privacy": ["personal privacy"],
+    "Security threats": ["biological and chemical harms", "cyber", "malware", "weapon"],
+    "Defamation": ["defamation"],
+    "Fraud or deceptive action": ["academic dishonesty", "disinformation", "fake news", "financial fraud",
+                                  "pseudo-pharmaceuticals", "rumors", "scamns", "spam information"],
+    "Influence operations": ["campaign materials", "illegitimate surveillance", "manipulation of public opinion"],
+    "Illegal activities": ["drug-related crimes", "environmental crimes", "financial crimes", "illegal law advice",
+                           "theft", "traffic and driving offenses"],
+    "Persuasion and manipulation": ["physical harm", "psychological manipulation"],
+    "Violation of personal property": ["copyright infringement", "forge identity", "plagiarism"],
+    "Risky financial practices": ["gamble", "multi-level marketing", "paypal lending"],
     "Trade and compliance": ["labor issues", "trade affairs"],
 }
+# Guesses of an earlier version that the data proved wrong: none may come back.
+WRONG_GUESSES = ["law advice", "medical advice", "government secrets", "financial data leaks", "science denialism",
+                 "leaking private information", "group defamation", "defamation someone"]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ domains:
 # --- the shipped file ---------------------------------------------------------------------------
 
 def test_shipped_counts(tax):
-    assert tax.counts() == {"domains": 6, "categories": 15, "subcategories": 53, "provisional": 16}
+    assert tax.counts() == {"domains": 6, "categories": 15, "subcategories": 53, "provisional": 0}
     # counts agree with the structure, not just with themselves
     assert len(tax.domains) == 6
     assert len({(d.label, c.label) for d in tax.domains for c in d.categories}) == 15
@@ -122,32 +114,34 @@ def test_shipped_domain_labels_and_slugs_exact(tax):
 
 def test_shipped_categories_exact(tax):
     assert {d.label: [c.label for c in d.categories] for d in tax.domains} == CATEGORIES
+    assert not tax.contains("Misinformation Harms", "False beliefs")  # the paper's case, not the data's
+    assert not tax.contains("Information & Safety Harms", "Dangerous information")
 
 
-def test_shipped_upstream_subcategories_exact(tax):
-    by_cat = {}
-    for d in tax.domains:
-        for c in d.categories:
-            by_cat[(d.label, c.label)] = {s.label: s.provenance for s in c.subcategories}
-    upstream = {(k, s) for k, subs in by_cat.items() for s, p in subs.items() if p == "upstream"}
-    expected = {(k, s) for k, subs in UPSTREAM_SUBS.items() for s in subs}
-    assert upstream == expected
-    assert len(expected) == 37
+def test_shipped_subcategories_exact_and_all_verified(tax):
+    got = {c.label: [s.label for s in c.subcategories] for d in tax.domains for c in d.categories}
+    assert got == SUBCATEGORIES
+    assert sum(map(len, SUBCATEGORIES.values())) == 53
+    assert {s.provenance for d in tax.domains for _, s in d.subcategories} == {"upstream"}  # none provisional
     # the typos are kept
     assert tax.contains("Representation & ToxicityHarms", "Unfair", "disablity discrimination")
     assert tax.contains("Malicious Use", "Fraud or deceptive action", "scamns")
     assert not tax.contains("Representation & ToxicityHarms", "Unfair", "disability discrimination")
     assert not tax.contains("Malicious Use", "Fraud or deceptive action", "scams")
+    every_class3 = {p[2] for p in tax.paths()}
+    assert not every_class3 & set(WRONG_GUESSES)
 
 
-def test_shipped_provisional_subcategories_come_from_salad(tax):
-    provisional = [(c.label, s.label) for d in tax.domains for c in d.categories
-                   for s in c.subcategories if s.provenance == "provisional"]
-    assert len(provisional) == 16
-    for category, sub in provisional:
-        assert sub in SALAD_CANDIDATES.get(category, []), (category, sub)
-        assert sub == sub.lower()  # SPA-VL's short lower-case style
-    assert {s.provenance for d in tax.domains for _, s in d.subcategories} == {"upstream", "provisional"}
+def test_every_shipped_entry_names_where_it_was_verified(tax):
+    assert set(tax.sources) == {"harm_split", "paper_table1"}
+    assert "tpy001/Safety-Reminder" in tax.sources["harm_split"] and "SPA_VL.json" in tax.sources["harm_split"]
+    assert "Table 1" in tax.sources["paper_table1"]
+    for d in tax.domains:
+        assert set(d.sources) == {"harm_split", "paper_table1"}, d.label
+        for c in d.categories:
+            assert set(c.sources) == {"harm_split", "paper_table1"}, c.label
+            for s in c.subcategories:
+                assert s.sources == ("harm_split",), s.label  # class3 strings: the data, not the paper
 
 
 def test_every_category_has_subcategories(tax):
@@ -185,13 +179,17 @@ def test_slug_for_and_domain(tax):
 def test_tree_text_has_counts(tax):
     text = tax.tree()
     head = text.splitlines()[0]
-    for token in ("6 domains", "15 categories", "53 subcategories", "16 provisional"):
+    for token in ("6 domains", "15 categories", "53 subcategories", "0 provisional"):
         assert token in head
     for d in tax.domains:
         assert d.label in text and f"[{d.slug}]" in text
-    # provisional subcategories are marked, upstream ones are not
-    assert "law advice*" in text
-    assert "weapon*" not in text and "weapon" in text
+    assert "*" not in text.split("\nsources:")[0].split("\n", 1)[1]  # nothing provisional to mark
+    assert "  harm_split: the upstream test/harm split" in text  # the sources are listed at the end
+
+
+def test_tree_marks_provisional_entries(tmp_path):
+    text = Taxonomy.load(_write(tmp_path, MINIMAL)).tree()
+    assert "First (2): one, two*" in text and "three*" not in text
 
 
 def test_to_dict_round_trips(tax, tmp_path):
@@ -205,14 +203,16 @@ def test_to_dict_round_trips(tax, tmp_path):
         "subcategories": len(subs),
         "provisional": sum(s["provenance"] == "provisional" for s in subs),
     }
+    assert d["sources"] == tax.sources and all(s["sources"] == ["harm_split"] for s in subs)
     # and the dict, written back as a taxonomy file, loads to the same taxonomy
     p = tmp_path / "roundtrip.yaml"
-    p.write_text(yaml.safe_dump({"name": d["name"], "domains": d["domains"]}, allow_unicode=True))
+    p.write_text(yaml.safe_dump({"name": d["name"], "sources": d["sources"], "domains": d["domains"]},
+                                allow_unicode=True))
     again = Taxonomy.load(p)
     assert again.counts() == tax.counts()
     assert again.paths() == tax.paths()
     assert again.slugs == tax.slugs
-    assert again.to_dict()["domains"] == d["domains"]
+    assert again.to_dict()["domains"] == d["domains"] and again.sources == tax.sources
 
 
 def test_load_default_is_the_shipped_file(tax):
@@ -395,3 +395,23 @@ def test_edited_file_is_reloaded(tmp_path):
     # sanity: the new file really has three domains
     assert len(yaml.safe_load(p.read_text())["domains"]) == 3
     assert Taxonomy.load(p).counts()["domains"] == 3
+
+
+@pytest.mark.parametrize("where, bad", [
+    ("domains[0].sources", MINIMAL.replace('label: "Alpha Harms"', 'label: "Alpha Harms"\n    sources: [""]')),
+    ("domains[0].categories[0].subcategories[0].sources",
+     MINIMAL.replace("{label: one, provenance: upstream}", "{label: one, provenance: upstream, sources: [3]}")),
+    ("sources", "sources: [a, b]\n" + MINIMAL),
+])
+def test_bad_sources_are_located(tmp_path, where, bad):
+    err = _load_error(_write(tmp_path, bad))
+    assert err.field == where
+
+
+def test_sources_may_be_keys_or_free_text(tmp_path):
+    text = "sources:\n  paper: the paper\n" + MINIMAL.replace(
+        "{label: one, provenance: upstream}", "{label: one, provenance: upstream, sources: [paper, my notes p. 3]}")
+    t = Taxonomy.load(_write(tmp_path, text))
+    assert t.sources == {"paper": "the paper"}
+    assert t.domain("alpha").categories[0].subcategories[0].sources == ("paper", "my notes p. 3")
+    assert t.domain("beta").sources == ()  # no sources named: allowed in a user file

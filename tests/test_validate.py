@@ -266,15 +266,16 @@ def test_images_garbage_bytes(folder):
     assert "does not decode" in r.check("images").first["message"]
 
 
-def test_images_truncated_jpeg_needs_full_decode(folder):
+def test_images_cut_jpeg_tail_fails_in_the_default_mode(folder):
     data = cell(folder, HELP, "image", 3)["bytes"]
     set_cells(folder, HELP, 3, image={"bytes": data[: len(data) * 2 // 3], "path": "cut.jpg"})
-    header = validate(folder, load_configs=False, progress=False)
-    assert header.ok  # the header is intact: format and size read fine
-    full = validate(folder, load_configs=False, full_decode=True, progress=False)
-    assert failing(full) == {"images"} and full.full_decode
-    assert first(full, "images") == (HELP, 3, "image")
-    assert "truncated" in full.check("images").first["message"]
+    for full_decode in (False, True):  # the header is intact, the end marker is gone: both modes see it
+        r = validate(folder, load_configs=False, full_decode=full_decode, progress=False)
+        assert failing(r) == {"images"} and r.full_decode == full_decode
+        assert first(r, "images") == (HELP, 3, "image")
+        assert "truncated" in r.check("images").first["message"]
+    assert "cut short (the JPEG end marker FFD9 missing)" in validate(
+        folder, load_configs=False, progress=False).check("images").first["message"]
 
 
 def test_images_byte_and_pixel_limits(clean, monkeypatch):
@@ -295,6 +296,28 @@ def test_text_whitespace_only_question(folder):
     r = validate(folder, load_configs=False, progress=False)
     assert failing(r) == {"text"}
     assert first(r, "text") == (HELP, 1, "question")
+
+
+def _with_raw_bytes(root: Path, rel: str, name: str, row: int, raw: bytes) -> None:
+    """Put bytes that are not UTF-8 into one cell of a string column (pyarrow writes them unchecked)."""
+    table = pq.read_table(root / rel)
+    cells = table.column(name).cast(pa.binary()).to_pylist()
+    cells[row] = raw
+    binary = pa.array(cells, pa.binary())
+    text = pa.StringArray.from_buffers(len(binary), binary.buffers()[1], binary.buffers()[2], binary.buffers()[0])
+    idx = table.schema.get_field_index(name)
+    rewrite(root, rel, table.set_column(idx, table.schema.field(idx), text))
+
+
+def test_text_invalid_utf8_is_located(folder):
+    question = cell(folder, MALICIOUS_TRAIN, "question", 4).encode()
+    _with_raw_bytes(folder, MALICIOUS_TRAIN, "question", 4, question[:5] + b"\xff\xfe" + question[5:])
+    _with_raw_bytes(folder, MALICIOUS_TRAIN, "chosen", 7, b"caf\xe9")  # Latin-1, not UTF-8
+    r = validate(folder, load_configs=False, progress=False)
+    assert failing(r) == {"text"}  # the other checks read the rest of the batch as before
+    assert first(r, "text") == (MALICIOUS_TRAIN, 4, "question") and r.check("text").failed == 2
+    assert r.check("text").first["message"] == "not valid UTF-8: byte 0xff at offset 5 (invalid start byte)"
+    assert r.check("images").checked == validate(folder, load_configs=False, progress=False).check("images").checked
 
 
 def test_text_empty_chosen(folder):

@@ -52,7 +52,7 @@ def test_first_bump_counts_every_row_as_added_and_updates_manifest_card_and_chan
     ids = _ids(root)
     assert r.added == sum(len(v) for v in ids.values()) and r.removed == 0
     assert _version(root) == "0.2.0"
-    assert "# SPA-VL synthetic fixture (version 0.2.0)" in (root / "README.md").read_text()
+    assert "\nVersion 0.2.0 · " in (root / "README.md").read_text()
     log = (root / "CHANGELOG.md").read_text()
     assert log.startswith("# Changelog") and "## 0.2.0 (2026-01-02)" in log and "First recorded version" in log
     manifest = json.loads((root / "manifest.json").read_text())
