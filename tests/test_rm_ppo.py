@@ -242,3 +242,88 @@ def test_select_rows_splits_flattened_image_patches():
     out = select_rows(qwen, torch.tensor([1, 2]))
     assert out["pixel_values"].flatten().tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
     assert out["image_grid_thw"].tolist() == [[1, 2, 2], [1, 1, 1]] and out["input_ids"].tolist() == [[2, 3], [4, 5]]
+
+
+def _trainer(tiny, planted, trained_rm, tmp_path, **overrides):
+    cfg = load_config("tiny-ppo", "ppo", model=str(tiny), dataset=str(planted), config_name="default",
+                      reward_model=trained_rm[0].output_dir, output_dir=str(tmp_path / "ppo"), seed=0, **overrides)
+    return PPOTrainer(cfg, log=lambda m: None)
+
+
+def test_the_reward_model_is_trained_and_read_at_the_answer_eos(tiny, planted, trained_rm, tmp_path):
+    """The RM's training position is the answer's EOS, and PPO scores a sampled answer at the same token: with
+    its own EOS, or with one appended when the answer was cut at response_length."""
+    trainer = _trainer(tiny, planted, trained_rm, tmp_path)
+    rm, chat = trainer.reward_model, trainer.chat
+    pairs, _ = prepare_preferences(load_rows(str(planted), "default", "validation", limit=3), trainer.processor,
+                                   log=lambda m: None)
+    pairs = list(pairs)
+    batch = preference_batch(pairs, trainer.processor)  # what train_rm trains on
+    with torch.no_grad():
+        values, scores = rm(**batch), rm.score(**batch)
+    for i in range(len(batch["input_ids"])):
+        end = int(batch["attention_mask"][i].nonzero().max())
+        assert batch["input_ids"][i][end] == chat.eos_token_id
+        assert scores[i] == values[i, end]  # the score is the value at the EOS, not a token before it
+
+    rows = {"question": [p["prompt"][0]["content"][1]["text"] for p in pairs], "image": [p["images"][0] for p in pairs]}
+    inputs = trainer.encode(rows)
+    answers = [chat.completion_ids(p["prompt"], p["chosen"][0]["content"][0]["text"]) for p in pairs]
+    for cut in (False, True):  # sampled with its EOS; cut before it (response_length reached)
+        tokens = [a[:-1] if cut else a for a in answers]
+        width = max(map(len, tokens))
+        response = torch.tensor([t + [chat.pad_token_id] * (width - len(t)) for t in tokens])
+        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens])
+        scored, _ = trainer.sequences(inputs, response, mask, close=True)
+        n = len(pairs)
+        for i in range(n):
+            k = int(scored["attention_mask"][i].sum())
+            assert scored["input_ids"][i][:k].tolist() == batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(last_token(rm(**scored), scored["attention_mask"]), scores[:n])
+
+
+def test_ppo_never_samples_the_image_token(tiny, planted, trained_rm, tmp_path):
+    """With the image token's logit forced far above the rest, the policy would sample nothing else (and the
+    next forward would fail: image tokens without image features); PPO suppresses it and every other token
+    an answer cannot hold."""
+    trainer = _trainer(tiny, planted, trained_rm, tmp_path)
+    image_id = trainer.processor.image_token_id
+    head = trainer.policy.get_output_embeddings()
+
+    def favour_the_image_token(module, args, output):
+        output = output.clone()
+        output[..., image_id] += 1e4
+        return output
+
+    handle = head.register_forward_hook(favour_the_image_token)
+    try:
+        inputs = trainer.encode(trainer.prompts[:2])
+        unsuppressed = {k: v for k, v in trainer.generation_kwargs().items() if k != "suppress_tokens"}
+        with torch.no_grad():
+            raw = trainer.policy.generate(**inputs, **unsuppressed)[:, inputs["input_ids"].shape[1]:]
+        assert (raw == image_id).all()  # the hook works: left alone, the policy samples only the image token
+        rollout = trainer.rollout(trainer.next_prompts())
+    finally:
+        handle.remove()
+    response = rollout["response"][rollout["mask"].bool()]
+    assert response.numel() and not torch.isin(response, torch.tensor(trainer.banned)).any()
+    assert torch.isfinite(rollout["logprobs"]).all() and torch.isfinite(rollout["advantages"]).all()
+
+
+def test_rollout_returns_are_the_score_less_the_penalties(tiny, planted, trained_rm, tmp_path):
+    """Whitening off, γ = λ = 1: the first token's return is score − missing_eos_penalty (for a cut answer)
+    − kl_coef·Σ KL, on a real rollout with a policy that has moved away from the reference."""
+    trainer = _trainer(tiny, planted, trained_rm, tmp_path, whiten_advantages=False, kl_coef=0.5,
+                       missing_eos_penalty=2.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    rollout = trainer.rollout(trainer.next_prompts())
+    assert rollout["kl"].abs().max() > 1e-3  # the policy differs from the reference
+    cut = 1 - rollout["has_eos"]
+    assert cut.sum() > 0  # tiny-ppo's 8-token answers are mostly cut
+    expected = rollout["scores"] - 2.0 * cut - 0.5 * rollout["kl"]
+    torch.testing.assert_close(rollout["returns"][:, 0], expected, rtol=1e-4, atol=1e-4)

@@ -113,11 +113,14 @@ def batch_plan(cfg, processes: int) -> dict:
             "accumulation": local_mini // per_device}
 
 
+def encode_prompts(chat: ChatFormat, rows: dict):
+    """Left-padded prompt inputs of rows with ``image`` and ``question`` (``training.chat``'s format)."""
+    return chat.prompt_inputs([prompt_messages(q) for q in rows["question"]], [[image] for image in rows["image"]])
+
+
 def prompt_fits(batch: dict, chat: ChatFormat, room: int) -> list[bool]:
     """Batched: whether each prompt (image tokens as the processor counts them) leaves ``room`` tokens."""
-    conversations = [prompt_messages(q) for q in batch["question"]]
-    lengths = chat.prompt_inputs(conversations, [[image] for image in batch["image"]])["attention_mask"].sum(1)
-    return (lengths <= room).tolist()
+    return (encode_prompts(chat, batch)["attention_mask"].sum(1) <= room).tolist()
 
 
 def prompt_share(order: list[int], rank: int, processes: int) -> list[int]:
@@ -222,9 +225,7 @@ class PPOTrainer:
         return self.prompts[prompt_share(batch, accelerator.process_index, accelerator.num_processes)]
 
     def encode(self, prompts: dict):
-        """Left-padded prompt inputs of rows with ``image`` and ``question`` (``training.chat``'s format)."""
-        conversations = [prompt_messages(q) for q in prompts["question"]]
-        return self.chat.prompt_inputs(conversations, [[image] for image in prompts["image"]])
+        return encode_prompts(self.chat, prompts)
 
     def generation_kwargs(self) -> dict:
         """Sampling from the policy's own distribution at ``temperature``: every setting that would reshape it
