@@ -327,3 +327,16 @@ def test_rollout_returns_are_the_score_less_the_penalties(tiny, planted, trained
     assert cut.sum() > 0  # tiny-ppo's 8-token answers are mostly cut
     expected = rollout["scores"] - 2.0 * cut - 0.5 * rollout["kl"]
     torch.testing.assert_close(rollout["returns"][:, 0], expected, rtol=1e-4, atol=1e-4)
+
+    # The score is the reward model's value at an EOS: the sampled one, or one appended to a cut answer.
+    eos, batch = trainer.chat.eos_token_id, rollout["batch"]
+    rows = []
+    for i in range(len(batch["input_ids"])):
+        ids = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
+        rows.append(ids if ids[-1] == eos else ids + [eos])
+    width = max(map(len, rows))
+    closed = {"input_ids": torch.tensor([r + [trainer.chat.pad_token_id] * (width - len(r)) for r in rows]),
+              "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+              "pixel_values": batch["pixel_values"]}
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.reward_model.score(**closed), rollout["scores"], rtol=1e-5, atol=1e-5)
