@@ -7,9 +7,10 @@
 Nothing is downloaded. The model is ``LlavaForConditionalGeneration`` built from configs with
 LLaVA-1.5-7B's shapes (Llama: hidden 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32064; CLIP
 ViT-L/14 at 336 px: 576 image tokens; two-layer GELU projector), randomly initialised in bf16 straight
-on the GPU. The tokenizer is the byte-level BPE of ``builder.tiny_vlm`` (ids < 32064), the prompt is
-LLaVA-1.5's, the data are ``write_fixture`` rows with 336 px texture images (short answers: the table
-gives the tokens per sequence, ~576 of them image tokens).
+on the GPU. The tokenizer is the Llama-style BPE of ``builder.tiny_vlm`` (ids < 32064), the prompt is
+llava-hf's template with the tokenizer's BOS and answers ending in ``</s>`` (``training.chat``; plain trl
+uses its own collator), the data are ``write_fixture`` rows with 336 px texture images (short answers:
+the table gives the tokens per sequence, ~576 of them image tokens).
 
 Four runs, each in its own process (clean peak memory), on the same pairs in the same order:
 
@@ -71,7 +72,7 @@ GIB = 1024**3
 # --- model, processor, data -----------------------------------------------------------------------
 def shapes(tiny: bool, layers: int | None = None) -> dict:
     if tiny:
-        return dict(hidden=64, layers=layers or 2, heads=4, ff=128, vocab=600, v_hidden=64, v_layers=2, v_heads=4,
+        return dict(hidden=64, layers=layers or 2, heads=4, ff=128, vocab=1088, v_hidden=64, v_layers=2, v_heads=4,
                     v_ff=128, image=32, patch=8, v_layer=-1)
     return dict(hidden=4096, layers=layers or 32, heads=32, ff=11008, vocab=32064, v_hidden=1024, v_layers=24,
                 v_heads=16, v_ff=4096, image=336, patch=14, v_layer=-2)
@@ -97,21 +98,16 @@ def llava_config(s: dict, ids: dict):
 def make_processor(s: dict):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    from builder.tiny_vlm import (
-        CHAT_TEMPLATE,
-        SPECIAL_TOKENS,
-        _train_tokenizer,
-        default_corpus,
-    )
+    from builder.tiny_vlm import LLAVA_CHAT_TEMPLATE, default_corpus, llama_tokenizer
 
-    tokenizer = _train_tokenizer(default_corpus(), 512)
+    tokenizer = llama_tokenizer(default_corpus(), 1024)
     side = {"height": s["image"], "width": s["image"]}
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": s["image"]}, crop_size=side),
         tokenizer=tokenizer, patch_size=s["patch"], vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    return processor, {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return processor, {t: tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<image>")}
 
 
 def make_model(s: dict, ids: dict, *, device, dtype, seed: int = 0):
@@ -198,8 +194,8 @@ def run_case(case: str, opts: dict) -> dict:
     if who == "ours":
         cfg = load_config(f"llava-1.5-7b-{mode}", "dpo", model="(in memory)", dataset=opts["data"],
                           output_dir=str(out), use_cpu=not cuda, bf16=cuda, **common)
-        if cfg["lora"]:
-            cfg["lora"] = {**cfg["lora"], "r": opts["rank"], "alpha": 2 * opts["rank"]}
+        if cfg.lora:
+            cfg = cfg.replace(lora={"r": opts["rank"], "alpha": 2 * opts["rank"], "dropout": cfg.lora.dropout})
         args = dpo_args(cfg, log=lambda m: None)
         args.save_strategy = SaveStrategy.NO  # nothing to keep
         trainer = make_trainer(cfg, args, model, processor, pairs, ref_model=ref, log=lambda m: None)

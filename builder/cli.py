@@ -431,9 +431,10 @@ class CLI:
         """Train on SPA-VL: dpo (trl DPOTrainer), rm (reward model) or ppo (our PPO, value model from the RM).
 
         The YAML holds the run's settings with the paper's values as defaults; any setting can be
-        overridden as --key value. Vision tower frozen, projector trained; `lora:` in the YAML trains
-        LoRA adapters on every linear layer of the language model instead of the whole model.
-        Several GPUs: accelerate launch -m builder.cli train dpo --config ...
+        overridden as --key value (train dpo also takes any trl.DPOConfig field); a bad value or an
+        unknown key is a one-line error naming it. Vision tower frozen, projector trained; `lora:` in
+        the YAML trains LoRA adapters on every linear layer of the language model instead of the whole
+        model. Several GPUs: accelerate launch -m builder.cli train dpo --config ...
 
         Example:
           spa-vl train dpo --config training/configs/llava-1.5-7b-lora.yaml --dataset out/spa_vl --config_name malicious_use
@@ -448,7 +449,7 @@ class CLI:
           config_name: a harm domain (e.g. malicious_use) or default (all domains).
           max_steps: stop after this many optimizer steps (PPO: iterations); -1 for whole epochs.
           output_dir: where the model, processor and spa_vl_train.json are written.
-          overrides: any other setting of the YAML, e.g. --learning_rate 1e-5 --beta 0.2.
+          overrides: any other setting of the YAML, e.g. --learning_rate 1e-5 --beta 0.2 --max_samples 10000.
         """
         from training.config import KINDS, load_config
 

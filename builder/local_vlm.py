@@ -1,7 +1,7 @@
 """The in-process transformers backend: a local VLM folder that generates answers and scores choices.
 
 Any folder that `AutoModelForImageTextToText` and `AutoProcessor` load works (LLaVA-1.5, Qwen2.5-VL, or
-the tiny demo model from `builder.tiny_vlm`). Messages are OpenAI-style chats whose i-th `{"type": "image"}`
+the tiny demo models from `builder.tiny_vlm`); prompts are encoded by `training.chat`, as in training. Messages are OpenAI-style chats whose i-th `{"type": "image"}`
 part is `images[i]`::
 
     vlm = load_local_vlm("/models/llava-1.5-7b-hf")
@@ -31,7 +31,9 @@ class LocalVLM:
     """A local VLM (any AutoModelForImageTextToText + AutoProcessor folder, e.g. LLaVA-1.5 or Qwen2.5-VL)."""
 
     def __init__(self, path: str, *, device: str | None = None, dtype: str | None = None):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
+
+        from training.chat import ChatFormat, load_processor
 
         self.path = Path(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +41,8 @@ class LocalVLM:
             on_cuda = self.device.startswith("cuda")
             dtype = "bfloat16" if on_cuda and torch.cuda.is_bf16_supported() else "float32"
         self.dtype = getattr(torch, dtype)
-        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor = load_processor(path)  # Qwen2.5-VL: without the video half that wants torchvision
+        self.chat = ChatFormat(self.processor)  # the prompt format of training and evaluate, token for token
         self.tokenizer = self.processor.tokenizer
         # device_map loads the weights straight onto the device (no full copy in CPU memory first)
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=self.dtype, device_map=self.device).eval()
@@ -91,16 +94,12 @@ class LocalVLM:
         return torch.stack(scores).softmax(0).tolist()
 
     def _encode(self, messages: list[dict], images: list[Image.Image]):
-        """Render the chat with the generation prompt and turn text + images into model inputs."""
+        """The chat with the generation prompt, as model inputs (``training.chat.ChatFormat``: the BOS once)."""
         n_parts = sum(1 for m in messages if not isinstance(m["content"], str)
                       for part in m["content"] if part.get("type") == "image")
         if n_parts != len(images):
             raise ValueError(f"messages have {n_parts} image parts but {len(images)} images were given")
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        bos = self.tokenizer.bos_token
-        # The BOS once: llava-hf's template leaves it to the tokenizer, the tiny model's template writes it itself.
-        add_bos = not (bos and text.startswith(bos))
-        inputs = self.processor(text=text, images=images or None, return_tensors="pt", add_special_tokens=add_bos)
+        inputs = self.chat.prompt_inputs([messages], [list(images)])
         return {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
                 for k, v in inputs.items()}
 

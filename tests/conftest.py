@@ -32,3 +32,13 @@ def tiny_llava_data(tmp_path_factory):
     model = build_tiny_llava(root / "tiny-llava", seed=0)
     write_fixture(root / "spa_vl", rows_per_domain=12, eval_rows=2, progress=False)
     return {"model": str(model), "data": str(root / "spa_vl")}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_data(tiny_llava_data, tmp_path_factory):
+    """{"model": a tiny random-weight Qwen2.5-VL folder (Qwen's real formats), "data": the same fixture folder
+    as ``tiny_llava_data``}."""
+    from builder.tiny_vlm import build_tiny_qwen2_5_vl
+
+    model = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen") / "tiny-qwen", seed=0)
+    return {"model": str(model), "data": tiny_llava_data["data"]}

@@ -1,7 +1,9 @@
 """`accelerate launch` with two processes (DDP over gloo on the CPU): DPO, the reward model and PPO.
 
 The same code runs one process per GPU; here two CPU processes prove what only several processes
-exercise: data prepared on the main process first, gathered metrics, one summary line, one save.
+exercise: data prepared on the main process first, gathered metrics, one summary line, one save; for
+PPO, each process samples its own share of the prompts, advantages are whitened over both processes'
+response tokens, and the batch is the same as on one process.
 """
 
 from __future__ import annotations
@@ -80,8 +82,40 @@ def test_ppo_on_two_processes(tiny, rm_run):
     out = tiny["root"] / "ppo"
     proc = launch("ppo", "tiny-ppo", out, tiny, "--reward_model", str(rm_out))
     assert len(_summary_lines(proc, "ppo")) == 1
-    result = json.loads((out / "spa_vl_train.json").read_text())["result"]
-    assert result["steps"] == 2 and result["samples"] == 2 * 4 * PROCESSES  # 2 iterations × 4 prompts × 2
+    record = json.loads((out / "spa_vl_train.json").read_text())
+    result = record["result"]
+    assert record["processes"] == PROCESSES
+    # 2 iterations × 4 prompts, all processes together: the batch of a one-process run
+    assert result["steps"] == 2 and result["samples"] == 2 * 4
+    assert "2 on each of 2 processes" in proc.stderr and "1 per forward x 1 accumulation x 2 processes" in proc.stderr
     for key in ("reward", "kl", "policy_loss", "value_loss"):
         assert isinstance(result["metrics"][key], float) and math.isfinite(result["metrics"][key]), key
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_ppo_whitens_over_all_processes_and_each_takes_its_share(tmp_path):
+    """Two processes whiten different advantages with PPO's reduce: together they are whitened as one batch
+    (over response tokens only); the prompt shares of one shared order are disjoint and cover it."""
+    import torch
+
+    from ddp_probe import DATA
+
+    from training.ppo_core import whiten
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(PROCESSES), "--num_machines", "1",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(Path(__file__).with_name("ddp_probe.py")), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(PROCESSES)]
+    assert all(g["processes"] == PROCESSES for g in got)
+    x = torch.cat([torch.tensor(DATA[r][0]) for r in range(PROCESSES)])
+    mask = torch.cat([torch.tensor(DATA[r][1], dtype=torch.float32) for r in range(PROCESSES)])
+    expected = whiten(x, mask)  # one process holding both batches
+    torch.testing.assert_close(torch.cat([torch.tensor(g["white"]) for g in got]), expected)
+    mine = torch.tensor(got[0]["white"])[torch.tensor(DATA[0][1]).bool()]
+    assert mine.mean().abs() > 0.1  # each process alone is not zero-mean: the statistics are global
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(42)).tolist()[:8]
+    assert got[0]["share"] + got[1]["share"] == order and not set(got[0]["share"]) & set(got[1]["share"])

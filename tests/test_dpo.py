@@ -58,13 +58,15 @@ def _parts(model) -> dict:
 def _one_input(tiny):
     from PIL import Image
 
-    from training.data import answer_messages, prompt_messages
+    from training.chat import ChatFormat, answer_messages, prompt_messages
     from training.models import load_vlm
 
     _, processor = load_vlm(tiny["model"], dtype="float32", use_cpu=True)
-    text = processor.apply_chat_template(prompt_messages("What is in the image?") + answer_messages("A dog."),
-                                         tokenize=False)
-    return processor(text=[text], images=[Image.new("RGB", (32, 32), (120, 40, 200))], return_tensors="pt")
+    row = {"prompt": prompt_messages("What is in the image?"), "chosen": answer_messages("A dog."),
+           "rejected": answer_messages("A cat."), "images": [Image.new("RGB", (32, 32), (120, 40, 200))]}
+    batch = ChatFormat(processor).pair_batch([row])
+    batch.pop("completion_mask")
+    return batch
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +153,8 @@ def test_lora_adapter_saves_and_reloads(tiny, lora_run):
     summary = json.loads((out / "spa_vl_train.json").read_text())
     assert summary["kind"] == "dpo" and summary["result"]["steps"] == 2
     assert summary["config"]["lora"]["r"] == 8 and summary["data"]["dropped"] == 0
+    card = (out / "README.md").read_text()  # the model card names the base model and the dataset
+    assert tiny["model"] in card and tiny["data"] in card and "library_name: peft" in card
 
 
 def test_full_finetune_trains_lm_and_projector_not_vision(tiny, full_run):
@@ -164,7 +168,7 @@ def test_full_finetune_trains_lm_and_projector_not_vision(tiny, full_run):
     assert any(not torch.equal(v, base["projector"][k]) for k, v in saved["projector"].items())
     trained = _parts(full_run["model"])  # the in-memory model is the one saved
     assert all(torch.equal(v, saved["lm"][k]) for k, v in trained["lm"].items())
-    assert json.loads((full_run["out"] / "spa_vl_train.json").read_text())["config"]["lora"] is False
+    assert json.loads((full_run["out"] / "spa_vl_train.json").read_text())["config"]["lora"] is None
 
 
 def test_overlong_pairs_dropped_and_overrides_respected(tiny):
@@ -185,7 +189,7 @@ def test_overlong_pairs_dropped_and_overrides_respected(tiny):
     out = tiny["root"] / "override"
     lines = []
     cfg = _cfg(tiny, "override", max_length=cut, max_steps=1, eval_split="no_such_split")
-    assert cfg["output_dir"] == str(out) and cfg["max_steps"] == 1
+    assert cfg.output_dir == str(out) and cfg.max_steps == 1
     result = train_dpo(cfg, log=lines.append)
     assert result.dropped == expected and result.steps == 1 and result.output_dir == str(out)
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
@@ -217,12 +221,13 @@ def test_shipped_configs_load(tiny):
     full = load_config("llava-1.5-7b-full", "dpo")
     lora = load_config("llava-1.5-7b-lora", "dpo")
     qwen = load_config("qwen2.5-vl-3b-lora", "dpo")
-    assert full["lora"] is None and full["learning_rate"] == 1e-6 and full["torch_dtype"] == "float32"
-    assert lora["lora"] == {"r": 128, "alpha": 256, "dropout": 0.05} and lora["learning_rate"] == 2e-5
-    assert qwen["model"] == "Qwen/Qwen2.5-VL-3B-Instruct" and qwen["lora"]["r"] == 128
+    assert full.lora is None and full.learning_rate == 1e-6 and full.torch_dtype == "float32"
+    assert (lora.lora.r, lora.lora.alpha, lora.lora.dropout) == (128, 256, 0.05) and lora.learning_rate == 2e-5
+    assert qwen.model == "Qwen/Qwen2.5-VL-3B-Instruct" and qwen.lora.r == 128
     for cfg in (full, lora, qwen):
-        assert cfg["beta"] == 0.1 and cfg["per_device_train_batch_size"] * cfg["gradient_accumulation_steps"] == 8
-        assert cfg["warmup_steps"] == 10 and cfg["lr_scheduler_type"] == "cosine" and cfg["max_grad_norm"] == 1.0
+        assert cfg.beta == 0.1 and cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 8
+        assert cfg.warmup_steps == 10 and cfg.lr_scheduler_type == "cosine" and cfg.max_grad_norm == 1.0
+        assert cfg.eval_samples == 512  # a validation subset, not all 7,000 pairs every eval_steps
 
 
 def test_dpo_args_resolve_bf16_and_report_to(tmp_path):

@@ -1,8 +1,10 @@
-"""The tiny random-weight LLaVA builder and the in-process transformers backend, on CPU, offline."""
+"""The tiny random-weight LLaVA and Qwen2.5-VL builders (real formats) and the in-process transformers backend,
+on CPU, offline."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 
 from builder.errors import DataError
 from builder.local_vlm import LocalVLM, load_local_vlm
-from builder.tiny_vlm import build_tiny_llava
+from builder.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
 IMAGE_CHAT = [
     {"role": "system", "content": "You are a careful assistant."},
@@ -27,6 +29,11 @@ def _digests(folder) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("models") / "tiny-qwen", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,8 @@ def test_build_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
     assert not (out / "keep.txt").exists()
 
 
-def test_folder_loads_as_llava(tiny, image):
+def test_folder_loads_as_llava_with_llava_hf_s_format(tiny, image):
+    """The folder carries llava-hf/llava-1.5-7b-hf's template, special tokens and processor settings."""
     from transformers import (
         AutoModelForImageTextToText,
         AutoProcessor,
@@ -71,18 +79,71 @@ def test_folder_loads_as_llava(tiny, image):
     assert isinstance(model, LlavaForConditionalGeneration)
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
 
-    text = processor.apply_chat_template(IMAGE_CHAT, add_generation_prompt=True)
-    assert text == "<s>You are a careful assistant. USER: <image>\nWhat is in this image? ASSISTANT:"
-    inputs = processor(text=text, images=[image], return_tensors="pt", add_special_tokens=False)
+    # llava-hf's template: no BOS, a space after each text part, no </s> after the answer
+    chat = [IMAGE_CHAT[1]]
+    assert processor.apply_chat_template(chat, add_generation_prompt=True) == \
+        "USER: <image>\nWhat is in this image? ASSISTANT:"
+    answered = chat + [{"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]
+    assert processor.apply_chat_template(answered) == "USER: <image>\nWhat is in this image? ASSISTANT: A red square. "
+    # ...which renders a string content as nothing: callers pass part lists (training.chat normalises them)
+    assert processor.apply_chat_template(TEXT_CHAT, add_generation_prompt=True) == "USER: ASSISTANT:"
+
+    tok = processor.tokenizer
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.convert_ids_to_tokens(3) == "<0x00>" and tok.convert_ids_to_tokens(258) == "<0xFF>"
+    assert tok.convert_tokens_to_ids(["<image>", "<pad>"]) == [len(tok) - 2, len(tok) - 1]  # after the vocabulary
+    assert tok.pad_token == "<pad>" and tok.padding_side == "left"
+    assert model.config.text_config.vocab_size > len(tok) and model.config.text_config.vocab_size % 64 == 0
+    assert tok("Hello")["input_ids"][0] == tok.bos_token_id  # add_bos_token, as llava-hf's Llama tokenizer
+    sentence = "The image shows a violent threat. USER: ASSISTANT: café ☃"
+    assert tok.decode(tok(sentence)["input_ids"], skip_special_tokens=True) == sentence  # byte fallback
+
+    text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    inputs = processor(text=text, images=[image], return_tensors="pt")
     n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert n_image == model.config.image_seq_length == 16  # (32 / 8)² patches: CLS added, then dropped
+    assert processor.num_additional_image_tokens == 1 and processor.vision_feature_select_strategy == "default"
     with torch.inference_mode():
         model(**inputs)  # image tokens and image features agree
 
+
+def test_qwen_folder_has_qwen_s_format(qwen, image):
+    """The tiny Qwen2.5-VL carries Qwen2.5-VL-Instruct's template, tokens, processor outputs and sampling
+    defaults; transformers' own AutoProcessor needs torchvision for the video half, ours does without."""
+    from transformers import AutoProcessor
+
+    from training.chat import load_processor
+
+    with pytest.raises((ImportError, OSError), match="orchvision|video"):
+        AutoProcessor.from_pretrained(qwen)
+    processor = load_processor(str(qwen))
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor" and not hasattr(processor, "video_processor")
+    chat = [IMAGE_CHAT[1]]
+    assert processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>What is in this image?<|im_end|>\n<|im_start|>assistant\n")
     tok = processor.tokenizer
-    sentence = "The image shows a violent threat. USER: ASSISTANT:"
-    assert tok.decode(tok(sentence)["input_ids"]) == sentence  # byte-level BPE round-trips readable words
-    assert tok.bos_token == "<s>" and tok.eos_token == "</s>" and tok.pad_token == "<pad>" and tok.unk_token == "<unk>"
+    assert tok.bos_token is None and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok("Hello")["input_ids"] == tok("Hello", add_special_tokens=False)["input_ids"]  # no BOS
+    specials = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"])
+    assert specials == [specials[0], specials[0] + 1, specials[0] + 2, specials[0] + 12]  # Qwen's order
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"} <= set(inputs)
+    n_image = int((inputs["input_ids"] == specials[3]).sum())
+    assert n_image == int(inputs["image_grid_thw"].prod()) // 4 and inputs["mm_token_type_ids"].sum() == n_image
+    assert inputs["pixel_values"].shape[0] == int(inputs["image_grid_thw"].prod())  # flat patches
+    config = json.loads((qwen / "generation_config.json").read_text())
+    assert config["top_k"] == 1 and config["repetition_penalty"] == 1.05 and config["do_sample"] is True
+
+
+def test_local_backend_runs_a_qwen_folder(qwen, image):
+    vlm = LocalVLM(str(qwen), device="cpu")
+    for messages, images in ((IMAGE_CHAT, [image]), (TEXT_CHAT, [])):
+        greedy = vlm.generate(messages, images, max_new_tokens=6)
+        assert greedy.text and 0 < greedy.completion_tokens <= 6
+    probs = vlm.choice_probabilities(IMAGE_CHAT, [image], ["A", "B"])
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_generate_with_an_image_and_text_only(vlm, image):

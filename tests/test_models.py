@@ -2,15 +2,17 @@
 
 Qwen2.5-VL keeps its projector (``visual.merger``) inside the vision tower, and its images arrive as one
 flat tensor of patches with ``image_grid_thw``, so the paper's setup (vision frozen, projector trained,
-LoRA on the language model only) needs the family-specific handling these tests exercise. Only the
-model is built: transformers' Qwen2.5-VL processor needs torchvision for its video half, which this
-project does not install (see the README), so the DPO run itself is covered on LLaVA.
+LoRA on the language model only) needs the family-specific handling these tests exercise on hand-made
+batches. DPO, the reward model, PPO and evaluate run end to end on the tiny Qwen2.5-VL of
+``builder.tiny_vlm`` (real processor, real template) in test_chat.py, test_dpo.py and test_rm_ppo.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from training.config import LoraSettings, TrainSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -82,7 +84,7 @@ def test_vlm_parts_finds_qwen_vision_merger_and_language_model():
 def test_qwen_full_mode_trains_merger_and_lm_not_the_vision_tower():
     from training.models import apply_training_mode, vlm_parts
 
-    model = apply_training_mode(tiny_qwen(), {"lora": None})
+    model = apply_training_mode(tiny_qwen(), TrainSettings(lora=None))
     parts = vlm_parts(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".merger." in n for n in trainable)
@@ -100,7 +102,7 @@ def test_qwen_full_mode_trains_merger_and_lm_not_the_vision_tower():
 def test_qwen_lora_adapters_on_the_lm_merger_trained_in_full_vision_frozen():
     from training.models import apply_training_mode, vlm_parts
 
-    model = apply_training_mode(tiny_qwen(), {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    model = apply_training_mode(tiny_qwen(), TrainSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
     parts = vlm_parts(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all("lora_" in n or ".merger.modules_to_save." in n for n in trainable)
@@ -148,11 +150,14 @@ def test_ppo_forward_on_selected_qwen_rows_matches_the_whole_batch():
     model = PolicyAndValue(tiny_qwen(0), VLMRewardModel(tiny_qwen(1))).eval()
     batch = qwen_batch([[20, 21], [22, 23], [24, 25]])
     batch["pixel_values"][16:32] += 1.0  # row 1's image differs from the others
+    width = batch["input_ids"].shape[1]
+    positions = torch.arange(width - 4, width - 1).repeat(3, 1)  # the states before the last three tokens
     with torch.no_grad():
-        logits, values = model(**batch, response_length=3)
+        logits, values = model(**batch, positions=positions)
+        assert logits.shape[:2] == values.shape == (3, 3)
         for rows in ([1], [2, 0]):
             idx = torch.tensor(rows)
-            part_logits, part_values = model(**select_rows(batch, idx), response_length=3)
+            part_logits, part_values = model(**select_rows(batch, idx), positions=positions[idx])
             torch.testing.assert_close(part_logits, logits[idx], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(part_values, values[idx], rtol=1e-4, atol=1e-5)
 

@@ -1,9 +1,12 @@
-"""Reward model and PPO on a tiny random-weight LLaVA, on CPU, offline.
+"""Reward model and PPO on a tiny random-weight LLaVA (llava-hf's real format), on CPU, offline.
 
 The reward model must learn a planted preference (chosen answers refuse, rejected ones comply, the
 rest of the text is shared) to well above chance on held-out pairs, and reload to identical scores.
 PPO runs two iterations with it: finite statistics, the policy moves, the reference, the reward
-model and the vision tower do not. GAE and whitening are checked on hand-computed numbers.
+model and the vision tower do not. The reward model's training position is PPO's scoring position (the
+answer's EOS); PPO never samples the image token, samples exactly the distribution it computes
+log-probabilities under, and its returns are the score minus the KL penalty. The arithmetic on
+hand-computed numbers is in test_ppo_math.py.
 """
 
 from __future__ import annotations
@@ -20,16 +23,10 @@ from builder.schema import image_sha256, row_id
 from builder.taxonomy import Taxonomy
 from builder.tiny_vlm import build_tiny_llava
 from training.config import load_config
-from training.data import load_rows, prepare_preferences, prompt_messages
+from training.data import load_rows, prepare_preferences
 from training.models import vlm_parts
-from training.ppo import (
-    PPOTrainer,
-    gae,
-    response_mask,
-    select_rows,
-    token_logprobs,
-    whiten,
-)
+from training.ppo import PPOTrainer, select_rows
+from training.ppo_core import response_mask, token_logprobs
 from training.reward import (
     VLMRewardModel,
     last_token,
@@ -80,12 +77,13 @@ def trained_rm(tiny, planted, tmp_path_factory):
                                        ("tiny-rm", "rm"), ("tiny-ppo", "ppo")])
 def test_shipped_configs_load(name, kind):
     cfg = load_config(name, kind)
-    assert cfg["kind"] == kind
+    assert cfg.kind == kind
     if name.startswith("llava"):  # the paper's values
-        assert cfg["learning_rate"] == {"rm": 3e-5, "ppo": 1e-6}[kind]
+        assert cfg.learning_rate == {"rm": 3e-5, "ppo": 1e-6}[kind]
     if kind == "ppo":
-        assert (cfg["kl_coef"], cfg["cliprange"], cfg["cliprange_value"], cfg["vf_coef"]) == (0.1, 0.2, 0.2, 0.1)
-        assert cfg["reward_model"]
+        assert (cfg.kl_coef, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef) == (0.1, 0.2, 0.2, 0.1)
+        assert (cfg.gamma, cfg.lam, cfg.temperature, cfg.whiten_advantages) == (1.0, 1.0, 1.0, True)
+        assert cfg.reward_model
 
 
 def test_rm_learns_the_planted_preference(trained_rm, planted):
@@ -125,7 +123,8 @@ def test_rm_reloads_with_the_trained_weights(trained_rm, planted):
 
 def test_rm_save_and_reload_give_identical_scores(tiny, planted, tmp_path):
     """A LoRA reward model (adapter + projector copy + head) round-trips to the same scores."""
-    cfg = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "freeze_vision_tower": True, "train_projector": True}
+    cfg = load_config("tiny-rm", "rm", model=str(tiny), dataset=str(planted), output_dir="unused",
+                      lora={"r": 4, "alpha": 8, "dropout": 0.0})
     backbone, processor = load_backbone(str(tiny), cfg, use_cpu=True)
     rm = VLMRewardModel(backbone).eval()
     torch.manual_seed(0)
@@ -175,8 +174,8 @@ def test_ppo_two_iterations(mode, tiny, planted, trained_rm, tmp_path):
     assert first["kl"].abs().max() < 1e-5 and torch.isfinite(first["advantages"]).all()
     trainer.model.train()
     with torch.no_grad():
-        logits, _ = trainer.model(**first["batch"], response_length=first["response"].shape[1])
-    logprobs, _ = token_logprobs(logits, first["response"], cfg["temperature"])
+        logits, _ = trainer.model(**first["batch"], positions=first["positions"])
+    logprobs, _ = token_logprobs(logits, first["response"], cfg.temperature, trainer.banned)
     torch.testing.assert_close(logprobs * first["mask"], first["logprobs"])
 
     result = trainer.train()
@@ -203,11 +202,7 @@ def test_ppo_two_iterations(mode, tiny, planted, trained_rm, tmp_path):
     original = AutoModelForImageTextToText.from_pretrained(str(tiny)).eval()
     for (n, p), (_, q) in zip(vlm_parts(policy).vision.named_parameters(), original.model.vision_tower.named_parameters()):
         assert torch.equal(p, q), n
-    rows, processor = trainer.prompts[:2], trainer.processor
-    texts = [processor.apply_chat_template(prompt_messages(q), add_generation_prompt=True, tokenize=False)
-             for q in rows["question"]]
-    batch = processor(text=texts, images=[im.convert("RGB") for im in rows["image"]], padding=True,
-                      add_special_tokens=False, return_tensors="pt")
+    batch = trainer.encode(trainer.prompts[:2])
     with torch.no_grad():
         expected = original(**batch).logits
         if mode == "lora":
@@ -222,6 +217,8 @@ def test_ppo_two_iterations(mode, tiny, planted, trained_rm, tmp_path):
     saved = tmp_path / "ppo"
     assert (saved / "spa_vl_train.json").is_file()
     assert (saved / ("adapter_config.json" if mode == "lora" else "model.safetensors")).is_file()
+    card = (saved / "README.md").read_text()
+    assert str(tiny) in card and str(planted) in card and rm_dir in card
     assert not list(saved.glob(".partial-*"))
 
 
@@ -235,47 +232,6 @@ def test_ppo_config_errors(tiny, planted, tmp_path):
         PPOTrainer(load_config("tiny-ppo", "ppo", **base, reward_model=str(tiny)))
 
 
-def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
-    rewards = torch.tensor([[1.0, 2.0, 3.0]])
-    values = torch.tensor([[0.5, 1.0, 1.5]])
-    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
-    # δ = (1 + 1.0 − 0.5, 2 + 1.5 − 1.0, 3 + 0 − 1.5) = (1.5, 2.5, 1.5); A = suffix sums of δ
-    torch.testing.assert_close(advantages, torch.tensor([[5.5, 4.0, 1.5]]))
-    torch.testing.assert_close(returns, torch.tensor([[6.0, 5.0, 3.0]]))  # the rewards to go
-
-
-def test_gae_discounts_and_ignores_padding():
-    rewards = torch.tensor([[1.0, 2.0, 99.0], [0.0, 0.0, 1.0]])
-    values = torch.tensor([[0.5, 1.0, 77.0], [0.0, 0.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
-    # row 0: δ1 = 2 + 0.9·0 − 1 = 1.0 → A1 = 1.0; δ0 = 1 + 0.9·1 − 0.5 = 1.4 → A0 = 1.4 + 0.45·1.0 = 1.85
-    # row 1: δ = (0, 0, 1) → A2 = 1, A1 = 0.45, A0 = 0.2025
-    torch.testing.assert_close(advantages, torch.tensor([[1.85, 1.0, 0.0], [0.2025, 0.45, 1.0]]))
-    torch.testing.assert_close(returns, torch.tensor([[2.35, 2.0, 0.0], [0.2025, 0.45, 1.0]]))
-
-
-def test_whiten_uses_only_unmasked_entries():
-    x = torch.tensor([[1.0, 2.0, 3.0, 50.0], [4.0, 5.0, -7.0, -9.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
-    w = whiten(x, mask)
-    kept = w[mask.bool()]
-    torch.testing.assert_close(kept, (x[mask.bool()] - 3.0) / torch.tensor([1.0, 2, 3, 4, 5]).std())
-    assert kept.mean().abs() < 1e-6 and kept.std().item() == pytest.approx(1.0, abs=1e-5)
-    assert torch.equal(w[~mask.bool()], torch.zeros(3))
-    assert whiten(x, mask, shift_mean=False)[mask.bool()].mean().item() == pytest.approx(3.0, abs=1e-5)
-
-
-def test_response_mask_and_last_token():
-    response = torch.tensor([[5, 2, 3, 3], [5, 6, 7, 8], [2, 3, 3, 3]])
-    mask = response_mask(response, eos_token_id=2)
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert response_mask(response, eos_token_id=[2, 8]).tolist()[1] == [1, 1, 1, 1]
-    values = torch.arange(12.0).reshape(3, 4)
-    attention = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 1, 0]])  # left and right padding
-    assert last_token(values, attention).tolist() == [2.0, 7.0, 10.0]
-
-
 def test_select_rows_splits_flattened_image_patches():
     """LLaVA batches index by row; Qwen2-VL-style ones keep every image's patches in one tensor."""
     llava = {"input_ids": torch.arange(6).reshape(3, 2), "pixel_values": torch.arange(3.0).reshape(3, 1, 1, 1)}
@@ -286,3 +242,101 @@ def test_select_rows_splits_flattened_image_patches():
     out = select_rows(qwen, torch.tensor([1, 2]))
     assert out["pixel_values"].flatten().tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
     assert out["image_grid_thw"].tolist() == [[1, 2, 2], [1, 1, 1]] and out["input_ids"].tolist() == [[2, 3], [4, 5]]
+
+
+def _trainer(tiny, planted, trained_rm, tmp_path, **overrides):
+    cfg = load_config("tiny-ppo", "ppo", model=str(tiny), dataset=str(planted), config_name="default",
+                      reward_model=trained_rm[0].output_dir, output_dir=str(tmp_path / "ppo"), seed=0, **overrides)
+    return PPOTrainer(cfg, log=lambda m: None)
+
+
+def test_the_reward_model_is_trained_and_read_at_the_answer_eos(tiny, planted, trained_rm, tmp_path):
+    """The RM's training position is the answer's EOS, and PPO scores a sampled answer at the same token: with
+    its own EOS, or with one appended when the answer was cut at response_length."""
+    trainer = _trainer(tiny, planted, trained_rm, tmp_path)
+    rm, chat = trainer.reward_model, trainer.chat
+    pairs, _ = prepare_preferences(load_rows(str(planted), "default", "validation", limit=3), trainer.processor,
+                                   log=lambda m: None)
+    pairs = list(pairs)
+    batch = preference_batch(pairs, trainer.processor)  # what train_rm trains on
+    with torch.no_grad():
+        values, scores = rm(**batch), rm.score(**batch)
+    for i in range(len(batch["input_ids"])):
+        end = int(batch["attention_mask"][i].nonzero().max())
+        assert batch["input_ids"][i][end] == chat.eos_token_id
+        assert scores[i] == values[i, end]  # the score is the value at the EOS, not a token before it
+
+    rows = {"question": [p["prompt"][0]["content"][1]["text"] for p in pairs], "image": [p["images"][0] for p in pairs]}
+    inputs = trainer.encode(rows)
+    answers = [chat.completion_ids(p["prompt"], p["chosen"][0]["content"][0]["text"]) for p in pairs]
+    for cut in (False, True):  # sampled with its EOS; cut before it (response_length reached)
+        tokens = [a[:-1] if cut else a for a in answers]
+        width = max(map(len, tokens))
+        response = torch.tensor([t + [chat.pad_token_id] * (width - len(t)) for t in tokens])
+        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tokens])
+        scored, _ = trainer.sequences(inputs, response, mask, close=True)
+        n = len(pairs)
+        for i in range(n):
+            k = int(scored["attention_mask"][i].sum())
+            assert scored["input_ids"][i][:k].tolist() == batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
+        with torch.no_grad():
+            torch.testing.assert_close(last_token(rm(**scored), scored["attention_mask"]), scores[:n])
+
+
+def test_ppo_never_samples_the_image_token(tiny, planted, trained_rm, tmp_path):
+    """With the image token's logit forced far above the rest, the policy would sample nothing else (and the
+    next forward would fail: image tokens without image features); PPO suppresses it and every other token
+    an answer cannot hold."""
+    trainer = _trainer(tiny, planted, trained_rm, tmp_path)
+    image_id = trainer.processor.image_token_id
+    head = trainer.policy.get_output_embeddings()
+
+    def favour_the_image_token(module, args, output):
+        output = output.clone()
+        output[..., image_id] += 1e4
+        return output
+
+    handle = head.register_forward_hook(favour_the_image_token)
+    try:
+        inputs = trainer.encode(trainer.prompts[:2])
+        unsuppressed = {k: v for k, v in trainer.generation_kwargs().items() if k != "suppress_tokens"}
+        with torch.no_grad():
+            raw = trainer.policy.generate(**inputs, **unsuppressed)[:, inputs["input_ids"].shape[1]:]
+        assert (raw == image_id).all()  # the hook works: left alone, the policy samples only the image token
+        rollout = trainer.rollout(trainer.next_prompts())
+    finally:
+        handle.remove()
+    response = rollout["response"][rollout["mask"].bool()]
+    assert response.numel() and not torch.isin(response, torch.tensor(trainer.banned)).any()
+    assert torch.isfinite(rollout["logprobs"]).all() and torch.isfinite(rollout["advantages"]).all()
+
+
+def test_rollout_returns_are_the_score_less_the_penalties(tiny, planted, trained_rm, tmp_path):
+    """Whitening off, γ = λ = 1: the first token's return is score − missing_eos_penalty (for a cut answer)
+    − kl_coef·Σ KL, on a real rollout with a policy that has moved away from the reference."""
+    trainer = _trainer(tiny, planted, trained_rm, tmp_path, whiten_advantages=False, kl_coef=0.5,
+                       missing_eos_penalty=2.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    rollout = trainer.rollout(trainer.next_prompts())
+    assert rollout["kl"].abs().max() > 1e-3  # the policy differs from the reference
+    cut = 1 - rollout["has_eos"]
+    assert cut.sum() > 0  # tiny-ppo's 8-token answers are mostly cut
+    expected = rollout["scores"] - 2.0 * cut - 0.5 * rollout["kl"]
+    torch.testing.assert_close(rollout["returns"][:, 0], expected, rtol=1e-4, atol=1e-4)
+
+    # The score is the reward model's value at an EOS: the sampled one, or one appended to a cut answer.
+    eos, batch = trainer.chat.eos_token_id, rollout["batch"]
+    rows = []
+    for i in range(len(batch["input_ids"])):
+        ids = batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist()
+        rows.append(ids if ids[-1] == eos else ids + [eos])
+    width = max(map(len, rows))
+    closed = {"input_ids": torch.tensor([r + [trainer.chat.pad_token_id] * (width - len(r)) for r in rows]),
+              "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+              "pixel_values": batch["pixel_values"]}
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.reward_model.score(**closed), rollout["scores"], rtol=1e-5, atol=1e-5)

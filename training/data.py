@@ -1,22 +1,30 @@
-"""SPA-VL preference rows → trl's conversational vision format, with over-long pairs dropped.
+"""SPA-VL preference rows → trl's conversational vision format, subsets drawn evenly, over-long pairs dropped.
 
     ds = load_rows("out/spa_vl", "malicious_use", "train")            # or a Hub repo id
+    ds = sample_evenly(ds, 10_000, seed=42)                            # the same number of rows per class3
     pairs, report = prepare_preferences(ds, processor, max_length=2048)
     report.dropped, report.kept                                         # said, never silent
     pairs[0]["prompt"]   # [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+    pairs[0]["chosen"]   # [{"role": "assistant", "content": [{"type": "text", "text": row["chosen"]}]}]
     pairs[0]["images"]   # [PIL.Image]
 
 A pair whose prompt plus chosen *or* rejected answer exceeds ``max_length`` tokens (image tokens
-included, as the model's processor counts them) is dropped, not truncated, like the authors' code
-(2048 − 576 for LLaVA-1.5: the 576 image tokens are part of the count here).
+included, counted in the format of ``training.chat``: BOS, the answer and its EOS) is dropped, not
+truncated, like the authors' code (2048 − 576 for LLaVA-1.5: the 576 image tokens are part of the count here).
 """
 
 from __future__ import annotations
 
+import random
 import sys
+from collections import defaultdict
 from dataclasses import dataclass
 
 from builder.errors import DataError
+from training.chat import ChatFormat, answer_messages, prompt_messages
+
+__all__ = ["PrepareReport", "answer_messages", "load_rows", "pair_lengths", "prepare_preferences",
+           "prompt_messages", "rows_for", "sample_evenly", "to_conversational"]
 
 
 @dataclass
@@ -43,20 +51,45 @@ def load_rows(dataset: str, config_name: str = "default", split: str = "train", 
     except ValueError as e:
         raise DataError(str(e), file=str(dataset), field="config_name/split") from None
     if limit is not None:
-        ds = ds.select(range(min(int(limit), len(ds))))
+        ds = ds.select(range(min(limit, len(ds))))
     return ds
 
 
-def prompt_messages(question: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def sample_evenly(ds, n: int | None, *, seed: int, column: str = "class3"):
+    """``n`` rows spread evenly over the values of ``column``: each category gives as many rows as it can up to
+    an equal share, the rest filled from the larger ones; which rows, from ``seed``. All rows when ``n`` is
+    None or not smaller. The rows keep their order in ``ds``."""
+    if n is None or n >= len(ds):
+        return ds
+    if column not in ds.column_names:
+        raise DataError(f"no {column!r} column to draw evenly over", field="max_samples")
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, value in enumerate(ds[column]):
+        groups[str(value)].append(i)
+    rng = random.Random(seed)
+    queues = []
+    for key in sorted(groups):
+        members = groups[key]
+        rng.shuffle(members)
+        queues.append(members)
+    picked: list[int] = []
+    while len(picked) < n:  # round-robin: one row per category per round
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop())
+        queues = [q for q in queues if q]
+    return ds.select(sorted(picked))
 
 
-def answer_messages(answer: str) -> list[dict]:
-    return [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+def rows_for(cfg, split: str, *, samples: int | None = None):
+    """A split of ``cfg``'s dataset (revision, filters, limit), then ``samples`` rows drawn evenly over class3."""
+    ds = load_rows(cfg.dataset, cfg.config_name, split, revision=cfg.revision, filters=cfg.filters, limit=cfg.limit)
+    return sample_evenly(ds, samples, seed=cfg.seed)
 
 
 def to_conversational(row: dict) -> dict:
-    """One preference row in trl's conversational vision format (``images``, ``prompt``, ``chosen``, ``rejected``)."""
+    """One preference row in trl's conversational vision format (``images``, ``prompt``, ``chosen``, ``rejected``).
+    The dataset's ``chosen`` answer is the preferred one: DPO raises it, the reward model scores it higher."""
     return {
         "images": [row["image"]],
         "prompt": prompt_messages(row["question"]),
@@ -65,15 +98,21 @@ def to_conversational(row: dict) -> dict:
     }
 
 
+def _chat(processor_or_chat) -> ChatFormat:
+    return processor_or_chat if isinstance(processor_or_chat, ChatFormat) else ChatFormat(processor_or_chat)
+
+
 def pair_lengths(rows: dict, processor) -> dict:
-    """Batched: tokens of prompt + chosen and prompt + rejected, counted by the model's own processor."""
+    """Batched: tokens of prompt + chosen and prompt + rejected, in the training format (image tokens counted by
+    the model's own processor)."""
+    chat = _chat(processor)
+    conversations = [prompt_messages(q) for q in rows["question"]]
+    prompts = chat.prompt_inputs(conversations, [[image] for image in rows["image"]])
+    prompt_tokens = prompts["attention_mask"].sum(1).tolist()
     out = {"len_chosen": [], "len_rejected": []}
-    for image, question, chosen, rejected in zip(rows["image"], rows["question"], rows["chosen"], rows["rejected"]):
-        image = image.convert("RGB")
-        for key, answer in (("len_chosen", chosen), ("len_rejected", rejected)):
-            text = processor.apply_chat_template(prompt_messages(question) + answer_messages(answer), tokenize=False)
-            ids = processor(text=[text], images=[image], add_special_tokens=False)["input_ids"][0]
-            out[key].append(len(ids))
+    for n, conversation, chosen, rejected in zip(prompt_tokens, conversations, rows["chosen"], rows["rejected"]):
+        out["len_chosen"].append(n + len(chat.completion_ids(conversation, chosen)))
+        out["len_rejected"].append(n + len(chat.completion_ids(conversation, rejected)))
     return out
 
 
@@ -82,7 +121,7 @@ def prepare_preferences(ds, processor, *, max_length: int = 2048, num_proc: int 
     missing = {"image", "question", "chosen", "rejected"} - set(ds.column_names)
     if missing:
         raise DataError(f"not preference rows: missing columns {sorted(missing)}", field=",".join(sorted(missing)))
-    lengths = ds.map(pair_lengths, batched=True, batch_size=64, fn_kwargs={"processor": processor},
+    lengths = ds.map(pair_lengths, batched=True, batch_size=32, fn_kwargs={"processor": _chat(processor)},
                      remove_columns=ds.column_names, num_proc=num_proc, desc="count tokens")
     keep = [i for i, (a, b) in enumerate(zip(lengths["len_chosen"], lengths["len_rejected"])) if max(a, b) <= max_length]
     report = PrepareReport(rows=len(ds), kept=len(keep), dropped=len(ds) - len(keep), max_length=max_length)

@@ -16,9 +16,12 @@ process: data are prepared on the main process first, only the main process logs
 
 What happens:
 
-1. the split (and the eval split when it exists) is read with ``load_rows`` and mapped to trl's
-   conversational vision format by ``prepare_preferences``; pairs longer than ``max_length`` tokens
-   (image tokens included) are dropped and counted, never truncated (trl gets ``max_length=None``);
+1. the split is read with ``rows_for`` (``max_samples`` rows drawn evenly over class3 when set; the eval
+   split: ``eval_samples`` of them) and mapped to trl's conversational vision format by
+   ``prepare_preferences``; pairs longer than ``max_length`` tokens (image tokens included) are dropped
+   and counted, never truncated (trl gets ``max_length=None``). The chosen answer is trl's ``chosen``.
+   Batches are made by ``training.chat``'s collator: the prompt as evaluate and PPO encode it (LLaVA: with
+   its BOS), each answer followed by EOS (the authors' ``</s>``; Qwen: ``<|im_end|>``);
 2. the model is loaded with ``load_vlm``; the vision tower is frozen. With ``lora:`` trl wraps the model
    with our ``lora_config`` (adapters on every linear layer of the language model, the projector trained
    in full as a module to save) and the reference is the same model with adapters disabled (no copy);
@@ -28,7 +31,8 @@ What happens:
    fine-tune keeps the dtype it was loaded in: use ``torch_dtype: float32`` with ``bf16`` autocast
    (as the shipped llava-1.5-7b-full config does); bf16 weights are warned about;
 4. at the end the model (LoRA: the adapter and the projector; full: the whole model) and the processor
-   are saved into ``output_dir`` with ``spa_vl_train.json`` (resolved config and result).
+   are saved into ``output_dir`` with ``spa_vl_train.json`` (resolved settings and result) and a model
+   card (``README.md``) naming the base model and the dataset.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ import time
 from pathlib import Path
 
 from builder.errors import DataError
+from training.card import adapter_base, write_model_card
+from training.chat import ChatFormat, PreferenceCollator
 from training.config import TrainResult
-from training.data import load_rows, prepare_preferences
+from training.data import prepare_preferences, rows_for
 from training.models import (
     apply_training_mode,
     load_vlm,
@@ -52,11 +58,16 @@ from training.models import (
 )
 
 SUMMARY_FILE = "spa_vl_train.json"
+# Our settings that are trl.DPOConfig fields of the same name and meaning.
+TRL_NAMES = ("beta", "loss_type", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
+             "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+             "max_grad_norm", "weight_decay", "logging_steps", "save_steps", "eval_steps", "seed", "use_cpu")
 SECRET_HINTS = ("token", "secret", "password", "api_key")
 
 
-def dpo_args(cfg: dict, *, log=None):
-    """trl's ``DPOConfig`` from our config (bf16 ``auto`` resolved, report_to checked, no truncation)."""
+def dpo_args(cfg, *, log=None):
+    """trl's ``DPOConfig`` from our settings (bf16 ``auto`` resolved, report_to checked, no truncation), plus any
+    other trl field the run was given (``cfg.trl``)."""
     import torch
     from transformers.integrations.integration_utils import (
         is_tensorboard_available,
@@ -65,46 +76,32 @@ def dpo_args(cfg: dict, *, log=None):
     from trl import DPOConfig
 
     log = log or _stderr
-    bf16 = cfg["bf16"]
-    if bf16 in ("auto", None):
-        bf16 = bool(not cfg["use_cpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    report_to = cfg["report_to"] or "none"
+    bf16 = cfg.bf16
+    if bf16 == "auto":
+        bf16 = bool(not cfg.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    report_to = cfg.report_to
     available = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available}
     if report_to in available and not available[report_to]():
         log(f"report_to: {report_to} is not installed (pip install {report_to}); not reporting")
         report_to = "none"
+    ours = {name: getattr(cfg, name) for name in TRL_NAMES}
     return DPOConfig(
-        output_dir=str(cfg["output_dir"]),
-        beta=float(cfg["beta"]),
-        loss_type=cfg["loss_type"],
-        learning_rate=float(cfg["learning_rate"]),
-        lr_scheduler_type=cfg["lr_scheduler_type"],
-        warmup_steps=int(cfg["warmup_steps"]),
-        num_train_epochs=float(cfg["num_train_epochs"]),
-        max_steps=int(cfg["max_steps"]),
-        per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
-        per_device_eval_batch_size=int(cfg["per_device_eval_batch_size"]),
-        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]),
-        max_grad_norm=float(cfg["max_grad_norm"]),
-        weight_decay=float(cfg["weight_decay"]),
+        **ours,
+        output_dir=str(cfg.output_dir),
         bf16=bf16,
-        activation_checkpointing=bool(cfg["gradient_checkpointing"]),  # transformers 5's name for it
-        logging_steps=cfg["logging_steps"],
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
         save_strategy="steps",
-        save_steps=cfg["save_steps"],
         save_total_limit=2,  # a 7B full checkpoint with optimizer state is ~100 GB: keep the last two
-        eval_strategy="no",  # set to "steps" by train_dpo when there is an eval split
-        eval_steps=cfg["eval_steps"],
+        eval_strategy="no",  # set to "steps" by make_trainer when there is an eval split
         report_to=report_to,
-        seed=int(cfg["seed"]),
-        use_cpu=bool(cfg["use_cpu"]),
         max_length=None,  # over-long pairs were dropped by prepare_preferences: trl must not truncate
         precompute_ref_log_probs=False,  # not supported for vision datasets
-        remove_unused_columns=False,  # keep `images` for the vision collator
+        remove_unused_columns=False,  # keep `images` for the collator
+        **cfg.trl,
     )
 
 
-def train_dpo(cfg: dict, *, log=None, callbacks=None) -> TrainResult:
+def train_dpo(cfg, *, log=None, callbacks=None) -> TrainResult:
     """Run DPO as ``cfg`` (from ``load_config(path, "dpo", ...)``) says; returns the run's ``TrainResult``.
 
     ``log`` takes each progress line (default: stderr, main process only); ``callbacks`` are extra
@@ -115,19 +112,19 @@ def train_dpo(cfg: dict, *, log=None, callbacks=None) -> TrainResult:
     args = dpo_args(cfg, log=_main_only(log))  # first: it sets up the (possibly distributed) process state
     log = _main_only(log, args)
 
-    model, processor = load_vlm(cfg["model"], dtype=cfg["torch_dtype"], use_cpu=cfg["use_cpu"],
-                                attn_implementation=cfg["attn_implementation"])
+    model, processor = load_vlm(cfg.model, dtype=cfg.torch_dtype, use_cpu=cfg.use_cpu,
+                                attn_implementation=cfg.attn_implementation)
     with args.main_process_first(desc="prepare SPA-VL pairs"):  # other ranks then read the datasets cache
-        train_ds, report = prepare_preferences(_rows(cfg, cfg["split"]), processor, max_length=int(cfg["max_length"]),
-                                               log=log)
-        eval_ds = _eval_pairs(cfg, processor, log)
+        rows = rows_for(cfg, cfg.split, samples=cfg.max_samples)
+        train_ds, report = prepare_preferences(rows, processor, max_length=cfg.max_length, log=log)
+        eval_ds = eval_pairs(cfg, processor, log)
     ref_model = None
-    if not cfg.get("lora"):
+    if not cfg.lora:
         # The frozen reference: a second copy (bf16 when training in bf16 mixed precision: forward only).
-        dtype = resolve_dtype(cfg["torch_dtype"], use_cpu=cfg["use_cpu"])
+        dtype = resolve_dtype(cfg.torch_dtype, use_cpu=cfg.use_cpu)
         ref_dtype = torch.bfloat16 if args.bf16 and dtype == torch.float32 else dtype
-        ref_model, _ = load_vlm(cfg["model"], dtype=ref_dtype, use_cpu=cfg["use_cpu"],
-                                attn_implementation=cfg["attn_implementation"])
+        ref_model, _ = load_vlm(cfg.model, dtype=ref_dtype, use_cpu=cfg.use_cpu,
+                                attn_implementation=cfg.attn_implementation)
     trainer = make_trainer(cfg, args, model, processor, train_ds, eval_ds, ref_model=ref_model, log=log,
                            callbacks=callbacks)
 
@@ -136,8 +133,6 @@ def train_dpo(cfg: dict, *, log=None, callbacks=None) -> TrainResult:
     if eval_ds is not None and "eval_loss" not in metrics:  # the Trainer evaluates at the last step itself
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     trainer.save_model(args.output_dir)  # main process writes; LoRA: adapter + projector; full: the whole model
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(args.output_dir)
 
     world = args.world_size
     samples = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * world
@@ -147,6 +142,8 @@ def train_dpo(cfg: dict, *, log=None, callbacks=None) -> TrainResult:
                          samples=int(samples), seconds=time.perf_counter() - start, metrics=metrics,
                          dropped=report.dropped)
     if trainer.is_world_process_zero():
+        processor.save_pretrained(args.output_dir)
+        write_model_card(args.output_dir, cfg, result, base_model=adapter_base(cfg.model), pairs=report.kept)
         write_summary(Path(args.output_dir), cfg, result, report, processes=world)
     return result
 
@@ -163,27 +160,27 @@ def demo_run(model: str, dataset: str, output_dir: str, *, config_name: str = "d
     return train_dpo(cfg, log=log or (lambda message: None)).line()
 
 
-def make_trainer(cfg: dict, args, model, processor, train_ds, eval_ds=None, *, ref_model=None, log=None,
-                 callbacks=None):
-    """trl's ``DPOTrainer`` on an already loaded model in our training mode (``train_dpo`` and the GPU bench).
+def make_trainer(cfg, args, model, processor, train_ds, eval_ds=None, *, ref_model=None, log=None, callbacks=None):
+    """trl's ``DPOTrainer`` on an already loaded model in our training mode and prompt format (``train_dpo`` and
+    the GPU bench).
 
-    Freezes the vision tower; with ``cfg["lora"]`` hands trl our ``lora_config`` (trl wraps the model, and
-    the reference is the model with adapters disabled); without it ``ref_model`` (a frozen copy) is the
-    reference (None: trl loads one from the model's ``name_or_path``)."""
+    Freezes the vision tower; with ``cfg.lora`` hands trl our ``lora_config`` (trl wraps the model, and the
+    reference is the model with adapters disabled); without it ``ref_model`` (a frozen copy) is the reference
+    (None: trl loads one from the model's ``name_or_path``). Batches come from ``training.chat``'s collator:
+    the prompt as every other path encodes it (BOS included), each answer ending with EOS."""
     import torch
     from transformers.trainer_utils import IntervalStrategy
     from trl import DPOTrainer
 
     log = log or _stderr
-    lora = bool(cfg.get("lora"))
     if eval_ds is not None:
         args.eval_strategy = IntervalStrategy.STEPS
     if args.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         log(f"gradient checkpointing: not supported by {type(model).__name__}; off")
         args.gradient_checkpointing = args.activation_checkpointing = False
     peft_config = lora_config(model, cfg)
-    model = apply_training_mode(model, {**cfg, "lora": None})  # freeze the vision tower; LoRA is added by trl
-    if not lora:
+    model = apply_training_mode(model, cfg, add_lora=False)  # freeze the vision tower; LoRA is added by trl
+    if not cfg.lora:
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
         dtype = next(p for p in model.parameters() if p.requires_grad).dtype
@@ -191,14 +188,17 @@ def make_trainer(cfg: dict, args, model, processor, train_ds, eval_ds=None, *, r
             log(f"warning: full fine-tune with {dtype} weights: AdamW steps below their resolution are lost; "
                 "set torch_dtype: float32 (bf16 autocast keeps the speed)")
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=processor, peft_config=peft_config, callbacks=callbacks)
-    if lora and (args.bf16 or args.fp16):
+                         processing_class=processor, peft_config=peft_config, callbacks=callbacks,
+                         data_collator=PreferenceCollator(ChatFormat(processor)))
+    if cfg.lora and (args.bf16 or args.fp16):
         # Under autocast the few trainable weights (adapters: already fp32 from peft; the projector copy)
         # become fp32 master weights: a bf16 projector would round 2e-5 steps away.
         upcast_trainable(trainer.model)
-    log(f"dpo: {'LoRA r=' + str(cfg['lora']['r']) if lora else 'full fine-tune'}, vision tower "
-        f"{'frozen' if lora or cfg.get('freeze_vision_tower', True) else 'trained'}; "  # peft freezes the base
-        f"{trainable_summary(trainer.model)}")
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    log(f"dpo: {f'LoRA r={cfg.lora.r}' if cfg.lora else 'full fine-tune'}, vision tower "
+        f"{'frozen' if cfg.lora or cfg.freeze_vision_tower else 'trained'}; "  # peft freezes the base
+        f"{trainable_summary(trainer.model)}; {batch} pairs per optimizer step ({args.per_device_train_batch_size} "
+        f"x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes)")
     return trainer
 
 
@@ -214,9 +214,9 @@ def upcast_trainable(model) -> int:
     return n
 
 
-def write_summary(output_dir: Path, cfg: dict, result: TrainResult, report, *, processes: int = 1) -> Path:
-    """``output_dir/spa_vl_train.json``: the resolved config (nothing secret-looking) and the result."""
-    safe = {k: v for k, v in cfg.items() if not any(h in k.lower() for h in SECRET_HINTS)}
+def write_summary(output_dir: Path, cfg, result: TrainResult, report, *, processes: int = 1) -> Path:
+    """``output_dir/spa_vl_train.json``: the resolved settings (nothing secret-looking) and the result."""
+    safe = {k: v for k, v in cfg.to_dict().items() if not any(h in k.lower() for h in SECRET_HINTS)}
     payload = {
         "kind": "dpo",
         "config": safe,
@@ -231,29 +231,24 @@ def write_summary(output_dir: Path, cfg: dict, result: TrainResult, report, *, p
     return path
 
 
-def _rows(cfg: dict, split: str):
-    return load_rows(cfg["dataset"], cfg["config_name"], split, revision=cfg["revision"], filters=cfg["filters"],
-                     limit=cfg["limit"])
-
-
-def _eval_pairs(cfg: dict, processor, log):
-    """The eval split as pairs, or None (no eval_split, the config has no such split, or nothing fits)."""
-    split = cfg.get("eval_split")
+def eval_pairs(cfg, processor, log):
+    """``cfg.eval_samples`` pairs of the eval split drawn evenly over class3 (all with None), or None: no
+    eval_split, the config has no such split, or nothing fits."""
+    split = cfg.eval_split
     if not split:
         return None
     try:
-        rows = _rows(cfg, split)
+        rows = rows_for(cfg, split, samples=cfg.eval_samples)
     except DataError as e:
         if "split" not in str(e).lower():
             raise
-        log(f"eval: config {cfg['config_name']!r} has no {split!r} split; training without evaluation")
+        log(f"eval: config {cfg.config_name!r} has no {split!r} split; training without evaluation")
         return None
     if len(rows) == 0:
         log(f"eval: the {split!r} split is empty (after filters); training without evaluation")
         return None
     try:
-        pairs, _ = prepare_preferences(rows, processor, max_length=int(cfg["max_length"]),
-                                       log=lambda m: log(f"eval {m}"))
+        pairs, _ = prepare_preferences(rows, processor, max_length=cfg.max_length, log=lambda m: log(f"eval {m}"))
     except DataError as e:
         log(f"eval: {e}; training without evaluation")
         return None

@@ -170,11 +170,13 @@ def read_answers(path: Path, model: str | None = None) -> dict[tuple[str, str], 
 
 
 class Generator:
-    """A VLM that answers (question, image) pairs in left-padded batches, greedily."""
+    """A VLM that answers (question, image) pairs in left-padded batches, greedily, its prompts encoded by
+    ``training.chat`` exactly as DPO, the reward model and PPO encode them (LLaVA: BOS, no EOS)."""
 
     def __init__(self, model: str, *, device: str | None = None, role: str = "model"):
         import torch
 
+        from training.chat import ChatFormat
         from training.models import load_vlm
 
         self.torch = torch
@@ -186,24 +188,25 @@ class Generator:
             net = net.merge_and_unload()
         self.model = net.eval()
         self.dtype = dtype
-        self.tokenizer = getattr(self.processor, "tokenizer", None)
-        if self.tokenizer is None or not getattr(self.processor, "chat_template", None):
-            raise DataError("the model's processor needs a tokenizer and a chat template", file=str(model), field=role)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        try:
+            self.chat = ChatFormat(self.processor)
+        except DataError as e:
+            raise DataError(e.message, file=str(model), field=role) from None
+        self.tokenizer = self.chat.tokenizer
 
-    def answer(self, questions: list[str], images: list[bytes], *, max_new_tokens: int) -> list[str]:
+    def encode(self, questions: list[str], images: list[bytes]):
+        """The model inputs of a batch of questions with their (encoded) images."""
         from PIL import Image
 
-        chats = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}] for q in questions]
-        texts = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-        bos = self.tokenizer.bos_token
-        add_bos = not (bos and texts[0].startswith(bos))  # a template that writes the BOS itself gets no second one
-        pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
-        inputs = self.processor(text=texts, images=pil, return_tensors="pt", padding=True, add_special_tokens=add_bos)
+        from training.chat import prompt_messages
+
+        pil = [[Image.open(io.BytesIO(b))] for b in images]
+        inputs = self.chat.prompt_inputs([prompt_messages(q) for q in questions], pil)
         device = self.model.device
-        inputs = {k: v.to(device, self.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+        return {k: v.to(device, self.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+    def answer(self, questions: list[str], images: list[bytes], *, max_new_tokens: int) -> list[str]:
+        inputs = self.encode(questions, images)
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                       top_p=None, top_k=None, pad_token_id=self.tokenizer.pad_token_id)

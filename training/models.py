@@ -1,8 +1,8 @@
 """Load a VLM for training in the paper's setup: vision tower frozen, projector trained, LoRA or full LM.
 
-    model, processor = load_vlm("llava-hf/llava-1.5-7b-hf", dtype="auto")
+    model, processor = load_vlm("llava-hf/llava-1.5-7b-hf", dtype="auto")  # processor: training.chat.load_processor
     parts = vlm_parts(model)                 # vision tower, projector, language model (any family)
-    model = apply_training_mode(model, cfg)  # freeze / LoRA as the config says; returns a PeftModel with LoRA
+    model = apply_training_mode(model, cfg)  # freeze / LoRA as the settings say; returns a PeftModel with LoRA
 
 Works for any ``AutoModelForImageTextToText`` whose wrapper keeps the usual sub-module names
 (LLaVA / LLaVA-NeXT: ``vision_tower``, ``multi_modal_projector``, ``language_model``; Qwen2-VL and
@@ -78,7 +78,9 @@ def load_vlm(path: str, *, dtype="auto", use_cpu: bool = False, attn_implementat
              trainable_adapter: bool = False, device_map=None, field: str = "model"):
     """Model and processor from a Hub id or folder; a LoRA adapter folder loads its base model first
     (the model is then a ``PeftModel``). Errors name the folder and ``field``."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from training.chat import load_processor
 
     kwargs = {"dtype": resolve_dtype(dtype, use_cpu=use_cpu)}
     if attn_implementation:
@@ -98,7 +100,7 @@ def load_vlm(path: str, *, dtype="auto", use_cpu: bool = False, attn_implementat
     own_processor = any((Path(path) / n).is_file() for n in ("processor_config.json", "preprocessor_config.json"))
     try:
         model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(path if own_processor else base_path)
+        processor = load_processor(path if own_processor else base_path, field=field)
         if base_path != path:
             from peft import PeftModel
 
@@ -118,32 +120,33 @@ def lora_target_modules(model: torch.nn.Module) -> list[str]:
             if name and isinstance(mod, torch.nn.Linear)]
 
 
-def lora_config(model: torch.nn.Module, cfg: dict):
-    """The ``peft.LoraConfig`` of ``cfg["lora"]`` (None without LoRA): adapters on every linear layer of the
+def lora_config(model: torch.nn.Module, cfg):
+    """The ``peft.LoraConfig`` of ``cfg.lora`` (None without LoRA): adapters on every linear layer of the
     language model, and the projector trained in full as a module to save (unless ``train_projector`` is off).
 
     Trainers that take a ``peft_config`` (trl's DPOTrainer) wrap the model themselves, so the reference model
     is the base with adapters disabled rather than a copy."""
-    lora = cfg.get("lora")
+    lora = cfg.lora
     if not lora:
         return None
     from peft import LoraConfig
 
     parts = vlm_parts(model)
-    targets = lora.get("target_modules") or lora_target_modules(model)
-    modules_to_save = [parts.projector_name] if cfg.get("train_projector", True) and parts.projector_name else None
-    return LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                      target_modules=targets, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    targets = lora.target_modules or lora_target_modules(model)
+    modules_to_save = [parts.projector_name] if cfg.train_projector and parts.projector_name else None
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      modules_to_save=modules_to_save, task_type="CAUSAL_LM")
 
 
-def apply_training_mode(model: torch.nn.Module, cfg: dict) -> torch.nn.Module:
-    """Freeze the vision tower (unless told not to), keep the projector trainable, and add LoRA when asked.
+def apply_training_mode(model: torch.nn.Module, cfg, *, add_lora: bool = True) -> torch.nn.Module:
+    """Freeze the vision tower (unless told not to), keep the projector trainable, and add LoRA when asked
+    (``add_lora=False``: a trainer that adds the adapters itself, as trl's DPOTrainer does).
 
     With LoRA only the adapters (and the projector, saved as a module to save) train; without it the
     language model and projector train in full.
     """
     parts = vlm_parts(model)
-    lora = cfg.get("lora")
+    lora = cfg.lora if add_lora else None
     if lora:
         from peft import get_peft_model
 
@@ -152,14 +155,14 @@ def apply_training_mode(model: torch.nn.Module, cfg: dict) -> torch.nn.Module:
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    if parts.vision is not None and cfg.get("freeze_vision_tower", True):
+    if parts.vision is not None and cfg.freeze_vision_tower:
         for name, p in parts.vision.named_parameters():
             if "modules_to_save" not in name:  # a LoRA run's trained projector copy (Qwen's `visual.merger`)
                 p.requires_grad_(False)
     # After the freeze: Qwen2-VL's projector (`visual.merger`) sits inside the vision tower.
     if parts.projector is not None and not lora:
         for p in parts.projector.parameters():
-            p.requires_grad_(bool(cfg.get("train_projector", True)))
+            p.requires_grad_(cfg.train_projector)
     return model
 
 

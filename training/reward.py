@@ -8,9 +8,10 @@
     scores = rm.score(**batch)                       # one scalar per row
 
 As in the paper (and the authors' SPA-VL-RLHF code): the loss is −log σ(r_chosen − r_rejected), the
-reward is the head's output on the last non-padding token (the answer's end-of-sequence token), the
-vision tower is frozen and the projector trained, LoRA or the whole language model. The chosen and
-rejected answers of a batch go through the model in one forward pass (2B rows).
+reward is the head's output on the answer's EOS token (``</s>`` for LLaVA, ``<|im_end|>`` for Qwen: see
+``training.chat``), the last token of every sequence, which PPO reads at the same place; the vision
+tower is frozen and the projector trained, LoRA or the whole language model. The chosen and rejected
+answers of a batch go through the model in one forward pass (2B rows).
 
 A saved reward model is the backbone (a full model, or a LoRA adapter over its base) plus
 ``value_head.safetensors`` and ``reward_model.json``; PPO starts its value model from it.
@@ -20,11 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import sys
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -33,16 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from builder.errors import DataError
+from training.chat import ChatFormat
 from training.config import TrainResult
-from training.data import load_rows, prepare_preferences
+from training.data import prepare_preferences, rows_for
 from training.models import apply_training_mode, load_vlm, trainable_summary
+from training.run import make_accelerator, mixed_precision, save_run
 
 HEAD_FILE = "value_head.safetensors"
 META_FILE = "reward_model.json"
-RECORD_FILE = "spa_vl_train.json"
-SECRET_HINTS = ("token", "secret", "password", "api_key")  # never written to the record
-STALE_FILES = {RECORD_FILE, META_FILE, HEAD_FILE, "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-               "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"}
 
 
 class VLMRewardModel(nn.Module):
@@ -89,12 +84,12 @@ class VLMRewardModel(nn.Module):
         head = {k: v.detach().float().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
         save_file(head, path / HEAD_FILE)
         meta = {"hidden_size": self.value_head.in_features, "adapter": hasattr(self.backbone, "peft_config"),
-                "head": HEAD_FILE, "score": "value_head on the last non-padding token"}
+                "head": HEAD_FILE, "score": "value_head on the last token: the answer's EOS"}
         (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path, *, dtype="auto", use_cpu: bool = False, attn_implementation: str | None = None,
-                        train_cfg: dict | None = None) -> VLMRewardModel:
+                        train_cfg=None) -> VLMRewardModel:
         """A saved reward model. Frozen (eval mode), unless ``train_cfg`` is given: then its backbone is made
         trainable as that config says (LoRA or full, vision tower frozen), a saved adapter merged first."""
         from safetensors.torch import load_file
@@ -103,8 +98,8 @@ class VLMRewardModel(nn.Module):
         if not (path / META_FILE).is_file():
             raise DataError(f"not a reward model folder (no {META_FILE}); write one with `spa-vl train rm`",
                             file=str(path), field="reward_model")
-        backbone = load_backbone(str(path), train_cfg or {"lora": None}, dtype=dtype, use_cpu=use_cpu,
-                                 attn_implementation=attn_implementation, trainable=train_cfg is not None)[0]
+        backbone = load_backbone(str(path), train_cfg, dtype=dtype, use_cpu=use_cpu,
+                                 attn_implementation=attn_implementation)[0]
         model = cls(backbone)
         model.value_head.load_state_dict(load_file(path / HEAD_FILE))
         model.value_head.to(next(backbone.parameters()).device)
@@ -121,16 +116,15 @@ def last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
     return values.gather(1, last[:, None]).squeeze(1)
 
 
-def load_backbone(path: str, cfg: dict, *, dtype="auto", use_cpu: bool = False, attn_implementation=None,
-                  trainable: bool = True):
-    """Model and processor, ready to train as ``cfg`` says (see ``apply_training_mode``).
+def load_backbone(path: str, cfg=None, *, dtype="auto", use_cpu: bool = False, attn_implementation=None):
+    """Model and processor, ready to train as the settings ``cfg`` say (see ``apply_training_mode``).
 
     A LoRA adapter folder is merged into its base first, so a new run trains new adapters (or the full
     model) on top of it. With ``gradient_checkpointing`` the backbone recomputes activations in the
-    backward pass. ``trainable=False``: loaded as saved (frozen by the caller).
+    backward pass. ``cfg=None``: loaded as saved (frozen by the caller).
     """
     model, processor = load_vlm(path, dtype=dtype, use_cpu=use_cpu, attn_implementation=attn_implementation)
-    if not trainable:
+    if cfg is None:
         return model, processor
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -141,99 +135,19 @@ def load_backbone(path: str, cfg: dict, *, dtype="auto", use_cpu: bool = False, 
         for p in model.parameters():
             if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
                 p.data = p.data.float()
-    if cfg.get("gradient_checkpointing") and getattr(model, "supports_gradient_checkpointing", True):
+    if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
 
 
 def preference_batch(rows: list[dict], processor) -> dict:
-    """Chosen rows then rejected rows of a batch of conversational pairs, tokenized with their images (2B rows).
-
-    Each row is rendered by the processor's chat template (prompt + answer, end-of-turn included), so
-    the last non-padding token is the answer's end.
-    """
-    texts, images = [], []
-    for answer in ("chosen", "rejected"):
-        for row in rows:
-            texts.append(processor.apply_chat_template(row["prompt"] + row[answer], tokenize=False))
-            images.extend(image.convert("RGB") for image in row["images"])
-    return dict(processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt"))
-
-
-def mixed_precision(cfg: dict) -> str:
-    """``bf16`` on a GPU that supports it (``bf16: auto``) or when asked; else ``no``."""
-    if cfg.get("use_cpu") or not torch.cuda.is_available():
-        return "no"
-    bf16 = cfg.get("bf16", "auto")
-    if bf16 == "auto":
-        bf16 = torch.cuda.is_bf16_supported()
-    return "bf16" if bf16 else "no"
-
-
-def make_accelerator(cfg: dict, log=None, **kwargs):
-    """An ``accelerate.Accelerator`` for the run (one process, or as many as ``accelerate launch`` starts),
-    tracking to TensorBoard or trackio when asked for and installed, and ``say``: ``log`` on the main
-    process only (stderr by default)."""
-    from accelerate import Accelerator
-    from accelerate.utils import is_tensorboard_available, is_trackio_available
-
-    report = cfg.get("report_to") or "none"
-    installed = {"tensorboard": is_tensorboard_available(), "trackio": is_trackio_available()}
-    log_with = report if installed.get(report) else None
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=bool(cfg.get("use_cpu")), log_with=log_with,
-                              project_dir=cfg["output_dir"], **kwargs)
-    say = (log or _stderr) if accelerator.is_main_process else (lambda message: None)
-    if report != "none" and not log_with:
-        say(f"report_to={report}, but {report} is not installed: logging to the console only")
-    if log_with:
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.items()}
-        accelerator.init_trackers(f"spa-vl-{cfg['kind']}", config=flat)
-    return accelerator, say
-
-
-def save_run(accelerator, cfg: dict, write, result: TrainResult | None = None, *, folder=None) -> None:
-    """Write the run's model with ``write(folder)``, then ``spa_vl_train.json`` (main process only).
-
-    Files are written to a hidden temp folder inside ``output_dir`` and moved into place when all are
-    written, ``spa_vl_train.json`` last: its presence marks a complete save. The model files of an
-    earlier save there are removed first (a stale adapter_config.json would make a full model load as
-    an adapter); anything else (checkpoints, tracker logs) is kept.
-    """
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out = Path(folder or cfg["output_dir"])
-        out.mkdir(parents=True, exist_ok=True)
-        for old in out.iterdir():
-            if old.is_file() and (old.name in STALE_FILES or old.name.startswith("model-")):
-                old.unlink()
-        tmp = out / f".partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
-        config = {k: v for k, v in cfg.items() if not any(h in k.lower() for h in SECRET_HINTS)}
-        record = {"kind": cfg["kind"], "config": config, "result": asdict(result) if result else None,
-                  "versions": _versions()}
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == RECORD_FILE):
-            dest = out / f.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(f, dest)
-        tmp.rmdir()
-    accelerator.wait_for_everyone()
-
-
-def _versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "peft": peft.__version__}
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Chosen rows then rejected rows of a batch of conversational pairs, as model inputs (2B rows): the
+    prompt format of ``training.chat`` (the same as DPO's, PPO's and evaluate's), each answer followed by
+    EOS, flush left, so a row's last non-padding token is its EOS."""
+    chat = processor if isinstance(processor, ChatFormat) else ChatFormat(processor)
+    batch = chat.pair_batch(rows)
+    batch.pop("completion_mask")
+    return batch
 
 
 @torch.no_grad()
@@ -254,59 +168,81 @@ def evaluate_rm(model, loader, accelerator) -> dict:
     return {"eval_accuracy": torch.cat(correct).mean().item(), "eval_loss": torch.cat(losses).mean().item()}
 
 
-def train_rm(cfg: dict, *, log=None) -> TrainResult:
+def train_rm(cfg, *, log=None) -> TrainResult:
     """Train a reward model on the preference rows of ``cfg`` (see ``training/configs/llava-1.5-7b-rm.yaml``).
 
     1. Load the VLM; freeze the vision tower; LoRA or the full language model (+ projector) trains.
     2. Pairs over ``max_length`` tokens are dropped (as the authors did), the rest batched chosen + rejected.
     3. AdamW, warm-up then cosine decay, gradient accumulation and clipping; bf16 autocast on a GPU.
-    4. Validation accuracy every ``eval_steps`` and at the end; the model, processor and run record saved.
+    4. Accuracy on ``eval_samples`` validation pairs every ``eval_steps`` and at the end; the model,
+       processor, run record and model card saved.
     """
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
     from transformers import get_scheduler
 
     started = time.time()
-    accelerator, say = make_accelerator(cfg, log, gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]))
-    set_seed(int(cfg["seed"]))
-
-    backbone, processor = load_backbone(cfg["model"], cfg, dtype=cfg["torch_dtype"], use_cpu=cfg["use_cpu"],
-                                        attn_implementation=cfg["attn_implementation"])
-    processor.tokenizer.padding_side = "right"
+    accelerator, say = make_accelerator(cfg, log, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    set_seed(cfg.seed)
+    backbone, processor = load_backbone(cfg.model, cfg, dtype=cfg.torch_dtype, use_cpu=cfg.use_cpu,
+                                        attn_implementation=cfg.attn_implementation)
     model = VLMRewardModel(backbone)
     say(trainable_summary(model))
-
-    rows = {"revision": cfg["revision"], "filters": cfg["filters"], "limit": cfg["limit"]}
-    eval_pairs = None
-    with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
-        pairs, report = prepare_preferences(load_rows(cfg["dataset"], cfg["config_name"], cfg["split"], **rows),
-                                            processor, max_length=int(cfg["max_length"]), log=say)
-        if cfg["eval_split"]:
-            try:
-                eval_rows = load_rows(cfg["dataset"], cfg["config_name"], cfg["eval_split"], **rows)
-                eval_pairs, _ = prepare_preferences(eval_rows, processor, max_length=int(cfg["max_length"]),
-                                                    log=lambda m: say(f"eval {m}"))
-            except DataError as e:  # no such split, or nothing in it fits
-                say(f"eval: {e}; training without evaluation")
-    collate = partial(preference_batch, processor=processor)
-    loader = DataLoader(pairs, batch_size=int(cfg["per_device_train_batch_size"]), shuffle=True, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(int(cfg["seed"])))
-    eval_loader = None
-    if eval_pairs is not None:
-        eval_loader = DataLoader(eval_pairs, batch_size=int(cfg["per_device_eval_batch_size"]), collate_fn=collate)
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg["learning_rate"]),
-                                  weight_decay=float(cfg["weight_decay"]))
+    loader, eval_loader, report = _loaders(cfg, processor, accelerator, say)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    steps_per_epoch = math.ceil(len(loader) / int(cfg["gradient_accumulation_steps"]))
-    total = int(cfg["max_steps"]) if int(cfg["max_steps"]) > 0 else steps_per_epoch * int(cfg["num_train_epochs"])
-    scheduler = get_scheduler(cfg["lr_scheduler_type"], optimizer.optimizer, num_warmup_steps=int(cfg["warmup_steps"]),
+    steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer.optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total)
-    say(f"rm: {len(pairs):,} pairs, {total} optimizer steps of {int(cfg['per_device_train_batch_size'])} pairs × "
-        f"{int(cfg['gradient_accumulation_steps'])} accumulation × {accelerator.num_processes} processes")
+    say(f"rm: {report.kept:,} pairs, {total} optimizer steps of {cfg.per_device_train_batch_size} pairs × "
+        f"{cfg.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes")
+    write = partial(_write_rm, processor=processor)
+    step, samples, metrics = _train_loop(cfg, model, optimizer, scheduler, loader, eval_loader, accelerator, say, total,
+                                         write)
+    if eval_loader is not None:
+        scores = evaluate_rm(model, eval_loader, accelerator)
+        if scores:
+            say(f"rm: eval accuracy {scores['eval_accuracy']:.3f}, eval loss {scores['eval_loss']:.4f} "
+                f"({cfg.eval_split} split)")
+            accelerator.log({f"eval/{k.removeprefix('eval_')}": v for k, v in scores.items()}, step=step)
+            metrics.update(scores)
+    result = TrainResult(kind="rm", output_dir=str(cfg.output_dir), steps=step, samples=samples,
+                         seconds=time.time() - started, metrics={k: v for k, v in metrics.items() if k != "lr"},
+                         dropped=report.dropped)
+    save_run(accelerator, cfg, partial(write, accelerator.unwrap_model(model)), result, pairs=report.kept)
+    accelerator.end_training()
+    return result
 
+
+def _loaders(cfg, processor, accelerator, say):
+    """The training pairs (shuffled with the seed) and the eval subset, batched by ``preference_batch``."""
+    from torch.utils.data import DataLoader
+
+    eval_pairs = None
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others reuse it
+        pairs, report = prepare_preferences(rows_for(cfg, cfg.split, samples=cfg.max_samples), processor,
+                                            max_length=cfg.max_length, log=say)
+        if cfg.eval_split:
+            try:
+                eval_pairs, _ = prepare_preferences(rows_for(cfg, cfg.eval_split, samples=cfg.eval_samples),
+                                                    processor, max_length=cfg.max_length, log=lambda m: say(f"eval {m}"))
+            except DataError as e:  # no such split, or nothing in it fits
+                say(f"eval: {e}; training without evaluation")
+    collate = partial(preference_batch, processor=ChatFormat(processor))
+    loader = DataLoader(pairs, batch_size=cfg.per_device_train_batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    eval_loader = None
+    if eval_pairs is not None:
+        eval_loader = DataLoader(eval_pairs, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
+    return loader, eval_loader, report
+
+
+def _train_loop(cfg, model, optimizer, scheduler, loader, eval_loader, accelerator, say, total: int, write):
+    """``total`` optimizer steps over the loader (again from the start as often as needed): (steps, samples,
+    the last logged metrics)."""
     step, samples, window, metrics = 0, 0, [], {}
     model.train()
     while step < total:
@@ -316,8 +252,8 @@ def train_rm(cfg: dict, *, log=None) -> TrainResult:
                 r_chosen, r_rejected = rewards.chunk(2)
                 loss = -F.logsigmoid(r_chosen - r_rejected).mean()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg["max_grad_norm"]:
-                    accelerator.clip_grad_norm_(model.parameters(), float(cfg["max_grad_norm"]))
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             samples += r_chosen.numel() * accelerator.num_processes
@@ -326,37 +262,24 @@ def train_rm(cfg: dict, *, log=None) -> TrainResult:
                 continue
             scheduler.step()
             step += 1
-            if step % max(1, int(cfg["logging_steps"])) == 0 or step == total:
+            if step % cfg.logging_steps == 0 or step == total:
                 loss_mean, acc_mean = accelerator.reduce(torch.stack(window).mean(0), "mean").tolist()
                 metrics = {"loss": loss_mean, "accuracy": acc_mean, "lr": scheduler.get_last_lr()[0]}
                 window = []
                 say(f"rm step {step}/{total}: loss {loss_mean:.4f}, accuracy {acc_mean:.3f}, lr {metrics['lr']:.3g}")
                 accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
-            if eval_loader is not None and cfg["eval_steps"] and step < total and step % int(cfg["eval_steps"]) == 0:
+            if eval_loader is not None and cfg.eval_steps and step < total and step % cfg.eval_steps == 0:
                 scores = evaluate_rm(model, eval_loader, accelerator)
                 say(f"rm step {step}: eval accuracy {scores['eval_accuracy']:.3f}, eval loss {scores['eval_loss']:.4f}")
                 accelerator.log({f"eval/{k.removeprefix('eval_')}": v for k, v in scores.items()}, step=step)
-            if cfg["save_steps"] and step < total and step % int(cfg["save_steps"]) == 0:
-                save_run(accelerator, cfg, partial(_write_rm, accelerator.unwrap_model(model), processor),
-                         folder=Path(cfg["output_dir"]) / f"checkpoint-{step}")
+            if cfg.save_steps and step < total and step % cfg.save_steps == 0:
+                save_run(accelerator, cfg, partial(write, accelerator.unwrap_model(model)),
+                         folder=Path(cfg.output_dir) / f"checkpoint-{step}")
             if step >= total:
                 break
-
-    if eval_loader is not None:
-        scores = evaluate_rm(model, eval_loader, accelerator)
-        if scores:
-            say(f"rm: eval accuracy {scores['eval_accuracy']:.3f}, eval loss {scores['eval_loss']:.4f} "
-                f"({cfg['eval_split']} split)")
-            accelerator.log({f"eval/{k.removeprefix('eval_')}": v for k, v in scores.items()}, step=step)
-            metrics.update(scores)
-    result = TrainResult(kind="rm", output_dir=str(cfg["output_dir"]), steps=step, samples=samples,
-                         seconds=time.time() - started, metrics={k: v for k, v in metrics.items() if k != "lr"},
-                         dropped=report.dropped)
-    save_run(accelerator, cfg, partial(_write_rm, accelerator.unwrap_model(model), processor), result)
-    accelerator.end_training()
-    return result
+    return step, samples, metrics
 
 
-def _write_rm(model: VLMRewardModel, processor, folder: Path) -> None:
+def _write_rm(model: VLMRewardModel, folder: Path, *, processor) -> None:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
