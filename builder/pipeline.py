@@ -277,6 +277,10 @@ def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, execut
             await router.aclose()
         return images_info, metas
 
+    if executor == "ray" and until != "images":
+        from builder.ray_executor import connect
+
+        connect()
     try:
         images_info, metas = asyncio.run(run())
         summary = summarize(store, cfg, metas, router.meters, images_info, time.perf_counter() - t0, executor, until)

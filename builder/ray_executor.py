@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal
+import threading
 
 from builder.errors import DataError
 from builder.llm import Endpoint, Meter, ModelRouter
@@ -86,6 +88,20 @@ def _config_error(exc: BaseException) -> DataError | None:
     return None
 
 
+def connect() -> None:
+    """Start Ray here, or join the cluster at RAY_ADDRESS. Call it from the main thread: Ray installs its
+    signal handlers there (from another thread it warns on stderr, and the run's one line would not be alone)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init sets its own: the CLI's handling of SIGTERM stays
+
+
 def run_on_ray(cfg, store: RunStore, endpoints: dict[str, Endpoint], meters: dict[str, Meter], metas: list[dict],
                until: str, on_record) -> None:
     """Run ``metas`` through the model stages on Ray; ``on_record(record)`` stores and shows each finished unit."""
@@ -94,8 +110,7 @@ def run_on_ray(cfg, store: RunStore, endpoints: dict[str, Endpoint], meters: dic
 
     from builder.pipeline import failed_record
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    connect()  # a no-op when generate() has connected already
     workers = cfg.run.ray_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     # num_cpus=0: the store must sit on the driver's node even when that node lends no CPU to tasks
