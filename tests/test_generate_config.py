@@ -178,7 +178,8 @@ def test_generate_help_and_docs_use_forms_that_work_after_install():
 
     from builder.cli import CLI
 
-    for doc in (inspect.getdoc(CLI), inspect.getdoc(CLI.generate), (ROOT / "builder/configs/pipeline.yaml").read_text()):
+    assert "generate builder/configs/" not in inspect.getdoc(CLI)
+    for doc in (inspect.getdoc(CLI.generate), (ROOT / "builder/configs/pipeline.yaml").read_text()):
         assert "generate builder/configs/" not in doc and "spa-vl generate pipeline" in doc
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Generating a new version", 1)[1].split("\n## ", 1)[0]

@@ -363,3 +363,20 @@ def test_a_parameter_the_sdk_refuses_is_a_config_error_not_a_retry(tmp_path):
         with pytest.raises(DataError, match="models.m.params"):
             _ask(router, params={"top_k": 5})  # and, were it to get through, at the first call
         assert srv.stats()["requests"] == 0
+
+
+def test_a_store_written_before_sessions_still_serves_its_replies(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.execute("CREATE TABLE requests (key TEXT PRIMARY KEY, model TEXT, reply TEXT)")
+    db.execute("INSERT INTO requests VALUES ('k', 'm', ?)",
+               (json.dumps({"text": "old", "prompt_tokens": 7, "completion_tokens": 3, "cached": False}),))
+    db.commit()
+    db.close()
+    cache = RequestCache(tmp_path / "old.sqlite")
+    hit = cache.lookup("k")
+    assert (hit.text, hit.prompt_tokens, hit.cached, hit.reused) == ("old", 7, True, False)  # an earlier run's
+    assert cache.usage() == {}
+    cache.store("k2", "m", llm.Reply("new", 5, 1))
+    assert cache.usage() == {"m": (1, 5, 1)} and cache.lookup("k2").reused
