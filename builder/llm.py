@@ -96,9 +96,9 @@ def request_key(spec: ModelSpec, messages: list[dict], params: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
 
-def _no_schema_mark(endpoint: tuple) -> str:
-    """The run store's mark for an endpoint without json_schema: a hash, so no URL reaches the disk."""
-    return "no_json_schema:" + hashlib.sha256(json.dumps(endpoint).encode()).hexdigest()[:16]
+def _schema_mark(endpoint: tuple) -> str:
+    """The store's mark of what an endpoint answered to json_schema ("yes"/"no"): a hash, so no URL reaches the disk."""
+    return "json_schema:" + hashlib.sha256(json.dumps(endpoint).encode()).hexdigest()[:16]
 
 
 def _retry_after(exc) -> float | None:
@@ -250,8 +250,10 @@ class ModelRouter:
 
     async def _schema_turn(self, endpoint: tuple) -> tuple[bool, asyncio.Lock | None]:
         """(send the schema?, the probe lock this request holds while the endpoint's support is unknown)."""
-        if endpoint not in self._schema_ok and await self.cache.get_mark(_no_schema_mark(endpoint)):
-            self._schema_ok[endpoint] = False  # learnt by an earlier run or another worker
+        if endpoint not in self._schema_ok:  # learnt by an earlier run, another worker or another chunk?
+            known = await self.cache.get_mark(_schema_mark(endpoint))
+            if known is not None:
+                self._schema_ok[endpoint] = known == "yes"
         if endpoint in self._schema_ok:
             return self._schema_ok[endpoint], None
         probe = self._probes.setdefault(endpoint, asyncio.Lock())
@@ -287,8 +289,9 @@ class ModelRouter:
             try:
                 reply = await self._send(spec, client, wire, sent)
                 used = reply.prompt_tokens + reply.completion_tokens
-                if with_schema:
+                if probe is not None:  # the first answer with a schema: the endpoint takes it
                     self._schema_ok[endpoint] = True
+                    await self.cache.put_mark(_schema_mark(endpoint), "yes")
                 return reply
             except RequestFailed:
                 meter.failed += 1
@@ -300,7 +303,7 @@ class ModelRouter:
                 no_schema = with_schema and kind in ("http_400", "http_422") and NO_SCHEMA.search(str(exc))
                 if no_schema:  # this server lacks json_schema: every call to it parses free text from now on
                     self._schema_ok[endpoint] = False
-                    await self.cache.put_mark(_no_schema_mark(endpoint), "1")
+                    await self.cache.put_mark(_schema_mark(endpoint), "no")
                 elif not retryable or attempt == spec.max_retries:
                     meter.failed += 1
                     raise RequestFailed(spec.name, kind, self._why(spec, exc)) from None
