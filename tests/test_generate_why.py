@@ -144,6 +144,18 @@ def test_build_says_every_pair_was_left_out_for_position_disagreement(tmp_path, 
             build(tmp_path / "q", tmp_path / "out", progress=False)
 
 
+def test_a_server_without_json_schema_rejects_one_request_per_endpoint(tmp_path):
+    """Keywords (m0) and the judge ask for JSON; the server refuses response_format: before, every call queued
+    behind the first was rejected once too; now one request per endpoint is, and the rest go as free text."""
+    with OpenAIServer(pipeline_responder, json_schema=False) as srv:
+        cfg = write_config(tmp_path / "run.yaml", srv.url)
+        summary = generate(cfg, tmp_path / "run", limit=6, progress=False)
+        stats = srv.stats()
+    assert summary["units"]["done"] == 6 and summary["pairs"]["kept"] > 0
+    assert stats["errors"] == 2  # loopback-0 (keywords) and loopback-judge
+    assert summary["requests"]["sent"] == stats["ok"] and summary["requests"]["retried"] == 2
+
+
 # --- the local-server recipe -----------------------------------------------------------------------------------
 def test_spa_vl_model_users_land_on_the_local_server_recipe(tmp_path, capsys, monkeypatch):
     rec = []

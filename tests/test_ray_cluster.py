@@ -172,6 +172,9 @@ def test_shipped_recipe_on_a_two_node_cluster_builds_what_the_local_executor_bui
         if path.is_file():
             assert KEY.encode() not in path.read_bytes() and server.url.encode() not in path.read_bytes()
     assert KEY not in done.stdout + done.stderr
+    for path in Path(cluster.temp).rglob("*"):  # nor any of the cluster's logs
+        if path.is_file() and not path.is_symlink() and path.suffix in (".log", ".out", ".err", ".txt", ".json"):
+            assert KEY.encode() not in path.read_bytes(), path
     build(tmp_path / "run", tmp_path / "out", progress=False)
     assert _files(tmp_path / "out") == _files(local["out"])
 
