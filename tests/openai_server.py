@@ -230,6 +230,7 @@ class OpenAIServer:
             self._served, self._attempts = collections.Counter(), collections.Counter()
             self._window: collections.deque[float] = collections.deque()  # times of accepted requests
             self._admitted = 0  # requests through the pause_after hold
+            self._held_peers: list[tuple] = getattr(self, "_held_peers", [])  # kept: requests may be waiting
             self._resumed.clear()
 
     def resume(self) -> None:
@@ -275,7 +276,7 @@ class OpenAIServer:
             self._stats["faults"][kind] += 1
         return kind, h
 
-    def _through_hold(self) -> bool:
+    def _through_hold(self, peer: tuple) -> bool:
         """The pause_after hold: True to go on, False if the server closed while the request waited."""
         if self.pause_after is None:
             return True
@@ -284,9 +285,17 @@ class OpenAIServer:
                 self._admitted += 1
                 return True
             self._stats["held"] += 1
+            self._held_peers.append(peer)
         self._resumed.wait()
+        with self._cond:
+            self._held_peers.remove(peer)
         self._count(-1, "held")
         return not self._closing.is_set()
+
+    def held_peers(self) -> list[tuple]:
+        """The client addresses (host, port) of the requests the pause_after hold keeps waiting now."""
+        with self._cond:
+            return list(self._held_peers)
 
     def _finished(self, key: str | None) -> None:
         """A chat request is over: answered ok (``key``), or with an error, or dropped (None)."""
@@ -318,6 +327,11 @@ class _HTTPServer(ThreadingHTTPServer):
         with self._conns_lock:
             self._conns.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away (killed, timed out) while its connection idled: not the server's error
+        super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         with self._conns_lock:
@@ -399,7 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, MALFORMED)
         if kind == "hang":
             api._closing.wait(api.hang_seconds)
-        if kind == "hang" or not api._through_hold() or (api.latency and api._closing.wait(api.latency)):
+        if kind == "hang" or not api._through_hold(self.client_address[:2]) or (api.latency and api._closing.wait(api.latency)):
             self.close_connection = True  # dropped without a reply: a hang, or the server closing
             return
         try:

@@ -149,6 +149,15 @@ def local(server, tmp_path_factory):
     return {"summary": summary, "out": tmp / "out", "served": served}
 
 
+def _node_waits_on(sid: int, server) -> bool:
+    """Whether a process of the node (session ``sid``) has a request held by the server's pause."""
+    import psutil
+
+    ports = {port for _, port in server.held_peers()}
+    pids = set(_session_processes(sid))
+    return any(c.pid in pids and c.laddr and c.laddr.port in ports for c in psutil.net_connections("tcp"))
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -191,8 +200,11 @@ def test_losing_the_worker_node_mid_run_sends_nothing_twice_and_counts_everythin
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.wait_for_ok(half, timeout=300), proc.communicate(timeout=30)
-        time.sleep(1.5)  # the workers have the replies the server sent; let them store them
-        assert server.stats()["held"] > 0
+        deadline = time.monotonic() + 120
+        while not _node_waits_on(cluster.sessions["worker"], server):  # a task on the worker node is mid-unit
+            assert time.monotonic() < deadline and proc.poll() is None, "the worker node never sent a held request"
+            time.sleep(0.2)
+        time.sleep(1.0)  # the workers have the replies the server sent; let them store them
         cluster.kill("worker")
         assert not _session_processes(cluster.sessions["worker"])
     finally:
