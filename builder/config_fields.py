@@ -9,7 +9,7 @@ file and the field, so a bad number fails when the file is read, not at the firs
     class RunSection:
         units_in_flight: int = field(metadata={"min": 1})
 
-    typed_section(RunSection, {"units_in_flight": 8}, file="run.yaml", where="run")    # RunSection(8)
+    typed_section(RunSection, {"units_in_flight": 8}, file="run.yaml", where="run")  # RunSection(units_in_flight=8)
     typed_section(RunSection, {"units_in_flight": -5}, file="run.yaml", where="run")
     # DataError: run.yaml: field run.units_in_flight: must be at least 1, got -5
 

@@ -14,6 +14,7 @@ messages that reach a summary.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -37,10 +38,11 @@ SET_BY_ROUTER = ("messages", "model", "response_format", "stream")  # the router
 KEYLIKE = re.compile(r"\b(?:sk|hf|pk|rk|gsk|api[_-]?key)[-_][A-Za-z0-9*._-]{6,}", re.I)
 
 
-def _sdk_params() -> set[str]:
+@functools.cache
+def _sdk_params() -> frozenset[str]:
     from openai.resources.chat.completions import AsyncCompletions
 
-    return {n for n in inspect.signature(AsyncCompletions.create).parameters if n != "self"}
+    return frozenset(n for n in inspect.signature(AsyncCompletions.create).parameters if n != "self")
 
 
 def check_params(params, backend: str | None, *, field: str, file: str | None = None) -> dict:
