@@ -1,6 +1,8 @@
 """Turn a run directory into a dataset folder: ``spa-vl build RUN_DIR OUT``.
 
-Only finished units whose judge verdicts agreed in both orders become preference rows. Splits are
+Only finished units whose judge verdicts agreed in both orders become preference rows; a run that gives
+no row at all raises :class:`NothingToBuild`, which says why (no unit finished and the failures' reasons,
+units made under another config, or every pair left out and for what). Splits are
 drawn from the image hash alone, so one image never sits in two splits and keeps its split when other
 units finish later: a ``test_fraction`` of the images (by one part of the hash; per category in
 expectation) form the test set (their hard question goes to ``test/harm``, their easy question to
@@ -15,10 +17,12 @@ Example::
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from builder.config import BuildSection
 from builder.errors import DataError
 from builder.folder import DatasetFolderWriter, FolderSummary, split_for
 from builder.run_store import RunStore, read_run_config
@@ -45,71 +49,134 @@ def _description(cfg: dict) -> str:
             "by design, so that models learn to decline it.")
 
 
+class NothingToBuild(Exception):
+    """The run directory holds no row to write; the message says why (the CLI exits 1 with it)."""
+
+
+def _read_snapshot(run_dir: Path) -> tuple[dict, BuildSection]:
+    """The run's config.yaml (as `generate` wrote it) and its build section, checked."""
+    cfg = read_run_config(run_dir)
+    path = str(run_dir / "config.yaml")
+    if not isinstance(cfg.get("responses"), dict) or not isinstance(cfg.get("judge"), dict):
+        raise DataError("not a config written by `spa-vl generate`", file=path)
+    return cfg, BuildSection.from_dict(cfg.get("build"), file=path)
+
+
+def _unit_rows(r: dict, test: bool, validation_fraction: float) -> tuple[list[tuple[dict, str]], int, Counter]:
+    """One finished unit's rows (without the image) and splits, how many repeated an earlier question of the
+    same image word for word (one row per image and question), and the statuses of the pairs left out."""
+    rows, asked, duplicates, left_out = [], set(), 0, Counter()
+    if test:
+        for split, qtype in (("harm", "hardq"), ("help", "easy")):
+            q = r["questions"][qtype]
+            if q.strip() in asked:
+                duplicates += 1
+                continue
+            asked.add(q.strip())
+            rows.append(({"id": row_id(r["id"], q), "question": q}, split))
+        return rows, duplicates, left_out
+    split = split_for(r["id"], validation_fraction)
+    for qtype in QUESTION_TYPES:
+        pair, q = r["pairs"][qtype], r["questions"][qtype]
+        if pair["status"] not in KEPT:
+            left_out[pair["status"]] += 1
+            continue
+        if q.strip() in asked:
+            duplicates += 1
+            continue
+        asked.add(q.strip())
+        w = pair["chosen"]
+        chosen, rejected = pair["responses"][w], pair["responses"][1 - w]
+        unsafe = pair.get("unsafe") or {}
+        rows.append(({"id": row_id(r["id"], q, chosen, rejected), "question": q, "question_type": qtype,
+                      "chosen": chosen, "rejected": rejected, "chosen_model": pair["models"][w],
+                      "rejected_model": pair["models"][1 - w], "judge_rationale": pair.get("rationale"),
+                      "question_unsafe": unsafe.get("question"), "chosen_unsafe": unsafe.get("chosen"),
+                      "rejected_unsafe": unsafe.get("rejected")}, split))
+    return rows, duplicates, left_out
+
+
+LEFT_OUT_WHY = {"position_disagreement": "the judge's verdicts in the two orders disagreed",
+                "judge_unparseable": "no verdict could be read from the judge's reply",
+                "identical": "the two answers were the same text"}
+
+
+def _why_nothing(units: list[dict], records: list[dict], earlier: int, left_out: Counter) -> str:
+    """Why a run gives no row: no units, none finished, made under another config, or every pair left out."""
+    if not units:
+        return "the run has no work units yet (no image was collected); see summary.json and run `spa-vl generate`"
+    if left_out:
+        parts = [f"{n:,} {status} ({LEFT_OUT_WHY.get(status, status)})" for status, n in left_out.most_common()]
+        return (f"every preference pair of the {len(records):,} finished units was left out: {', '.join(parts)}; "
+                "check the judge (or use judge.agreement: average with a local judge)")
+    if earlier:
+        return (f"the {earlier:,} finished units were made with an earlier config (a prompt, a model or the bag "
+                "changed); re-run `spa-vl generate` to redo them")
+    failed = [u for u in units if u["status"] == "failed"]
+    short = [u for u in units if u["status"] == "done" and u.get("until") != "preferences"]
+    if short:
+        return (f"{len(short):,} units stopped before the preferences stage (--until {short[0].get('until')}); "
+                "run `spa-vl generate` to the preferences stage")
+    if failed:
+        kinds = Counter(f"{u['error']['stage']}: {u['error']['kind']}" for u in failed)
+        first = failed[0]["error"].get("detail") or ""
+        return (f"no work unit finished: {len(failed):,} failed ({', '.join(f'{k} x{n}' for k, n in kinds.most_common(3))}"
+                f"{f'; e.g. {first[:160]}' if first else ''}); re-run `spa-vl generate` to retry them")
+    return "no work unit has finished the preferences stage; run `spa-vl generate` first"
+
+
 def build(run_dir: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True) -> FolderSummary:
+    """Write the dataset folder ``out`` from a run directory; NothingToBuild (nothing written) says why when
+    the run gives no row."""
     run_dir = Path(run_dir)
     if not (run_dir / "run.sqlite").exists() or not (run_dir / "config.yaml").exists():
         raise DataError("not a run directory (no run.sqlite/config.yaml); run `spa-vl generate` first", file=str(run_dir))
-    cfg = read_run_config(run_dir)
+    cfg, opts = _read_snapshot(run_dir)
     taxonomy = Taxonomy.load(cfg.get("taxonomy"))
-    opts = cfg["build"]
     store = RunStore(run_dir)
     try:
         order = [m["sha256"] for m in store.images()]
-        done = [r for r in store.units(order) if r["status"] == "done" and r.get("until") == "preferences"]
+        units = store.units(order)
+        done = [r for r in units if r["status"] == "done" and r.get("until") == "preferences"]
         # Records made under another config (a prompt or the bag changed, the re-run not finished) stay out.
         records = [r for r in done if r.get("config") == cfg.get("units_fingerprint")]
         if len(records) < len(done):
             print(f"build: {len(done) - len(records):,} finished units were made with an earlier config and are left "
                   "out; re-run `spa-vl generate` to redo them", file=sys.stderr)
-        if not records:
-            raise DataError("no finished work units; run `spa-vl generate` to the preferences stage first",
-                            file=str(run_dir / "run.sqlite"))
-        test_ids = {r["id"] for r in records if is_test(r["id"], float(opts["test_fraction"]))}
-        build_config = {"source": "pipeline", "seed": cfg["seed"], "bag": sorted(set(cfg["responses"]["bag"])),
-                        "judge": cfg["judge"]["model"], "safety": cfg["safety"]["model"],
-                        "validation_fraction": opts["validation_fraction"], "test_fraction": opts["test_fraction"],
-                        "taxonomy": taxonomy.sha256, "units": len(records)}
-        card = {"title": opts.get("title") or "SPA-VL (generated)", "description": _description(cfg)}
-        with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, version=str(opts["version"]),
-                                 card=card, overwrite=overwrite, inputs=(run_dir,)) as writer:
-            duplicates = 0
-            for r in tqdm(records, desc="build", unit="unit", disable=not progress, leave=False):
-                data = store.image_data(r["id"])
-                name = f"{r['id'][:16]}.jpg"
-                base = {"image": {"bytes": data, "path": name}, "image_name": name,
-                        "class1": r["class1"], "class2": r["class2"], "class3": r["class3"]}
-                where = str(run_dir / "run.sqlite")
-                asked: set[str] = set()  # two question types that came out word for word the same make one row
-                if r["id"] in test_ids:
-                    for split, qtype in (("harm", "hardq"), ("help", "easy")):
-                        q = r["questions"][qtype]
-                        if q.strip() in asked:
-                            duplicates += 1
-                            continue
-                        asked.add(q.strip())
-                        writer.add({**base, "id": row_id(r["id"], q), "question": q}, split, file=where)
-                    continue
-                split = split_for(r["id"], float(opts["validation_fraction"]))
-                for qtype in QUESTION_TYPES:
-                    pair = r["pairs"][qtype]
-                    if pair["status"] not in KEPT:
-                        continue
-                    if r["questions"][qtype].strip() in asked:
-                        duplicates += 1
-                        continue
-                    asked.add(r["questions"][qtype].strip())
-                    w = pair["chosen"]
-                    chosen, rejected = pair["responses"][w], pair["responses"][1 - w]
-                    unsafe = pair.get("unsafe") or {}
-                    q = r["questions"][qtype]
-                    writer.add({**base, "id": row_id(r["id"], q, chosen, rejected), "question": q, "question_type": qtype,
-                                "chosen": chosen, "rejected": rejected, "chosen_model": pair["models"][w],
-                                "rejected_model": pair["models"][1 - w], "judge_rationale": pair.get("rationale"),
-                                "question_unsafe": unsafe.get("question"), "chosen_unsafe": unsafe.get("chosen"),
-                                "rejected_unsafe": unsafe.get("rejected")}, split, file=where)
-        if duplicates:
-            print(f"build: {duplicates:,} questions repeated another question of the same image word for word and "
-                  "were left out (one row per image and question)", file=sys.stderr)
+        test_ids = {r["id"] for r in records if is_test(r["id"], opts.test_fraction)}
+        left_out, planned = Counter(), 0
+        for r in records:
+            rows, _, left = _unit_rows(r, r["id"] in test_ids, opts.validation_fraction)
+            planned += len(rows)
+            left_out += left
+        if not planned:
+            raise NothingToBuild(_why_nothing(units, records, len(done) - len(records), left_out))
+        summary = _write(store, run_dir, out, records, test_ids, cfg, opts, taxonomy, overwrite, progress)
     finally:
         store.close()
+    return summary
+
+
+def _write(store: RunStore, run_dir: Path, out, records: list[dict], test_ids: set[str], cfg: dict, opts: BuildSection,
+           taxonomy: Taxonomy, overwrite: bool, progress: bool) -> FolderSummary:
+    build_config = {"source": "pipeline", "seed": cfg["seed"], "bag": sorted(set(cfg["responses"]["bag"])),
+                    "judge": cfg["judge"]["model"], "safety": cfg["safety"]["model"],
+                    "validation_fraction": opts.validation_fraction, "test_fraction": opts.test_fraction,
+                    "taxonomy": taxonomy.sha256, "units": len(records)}
+    card = {"title": opts.title or "SPA-VL (generated)", "description": _description(cfg)}
+    where = str(run_dir / "run.sqlite")
+    duplicates = 0
+    with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, version=opts.version,
+                             card=card, overwrite=overwrite, inputs=(run_dir,)) as writer:
+        for r in tqdm(records, desc="build", unit="unit", disable=not progress, leave=False):
+            rows, repeated, _ = _unit_rows(r, r["id"] in test_ids, opts.validation_fraction)
+            duplicates += repeated
+            data, name = store.image_data(r["id"]), f"{r['id'][:16]}.jpg"
+            base = {"image": {"bytes": data, "path": name}, "image_name": name,
+                    "class1": r["class1"], "class2": r["class2"], "class3": r["class3"]}
+            for row, split in rows:
+                writer.add({**base, **row}, split, file=where)
+    if duplicates:
+        print(f"build: {duplicates:,} questions repeated another question of the same image word for word and "
+              "were left out (one row per image and question)", file=sys.stderr)
     return writer.summary

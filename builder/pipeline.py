@@ -8,12 +8,17 @@ succeeded, and changing one prompt re-runs only the calls that depend on it. It 
 
 Example::
 
-    summary = generate("builder/configs/pipeline.yaml", "runs/r1", limit=12)
-    summary["units"]["done"], summary["cost_usd"]
+    summary = generate("pipeline", "runs/r1", limit=12)     # a shipped recipe by name, or a YAML path
+    summary["units"]["done"], summary["cost_usd"], summary["why"]
+
+The config is checked whole and every endpoint's URL and key resolved before the first request; a
+config error stops the run (DataError). When something fails, ``summary["why"]`` says what and why
+(the server's own message, any key redacted). Requests, tokens and cost are counted from the replies
+stored in the run store during this invocation, so a lost Ray worker's spending is still counted.
 
 Executors: ``local`` runs units as asyncio tasks in this process; ``ray`` runs chunks of units as Ray
-tasks (``ray.init()`` locally, or the cluster at ``RAY_ADDRESS``) that share the run store through an
-actor on this node, each with 1/N of every endpoint's limits, so the output is the same either way.
+tasks (``ray.init()`` locally, or the cluster at ``RAY_ADDRESS``; see :mod:`builder.ray_executor`), so
+the output is the same either way.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from builder import stages
-from builder.config import DEFAULTS, PipelineConfig, _merge
+from builder.config import PipelineConfig
 from builder.errors import DataError
-from builder.llm import Meter, ModelRouter, RequestFailed
+from builder.llm import Meter, ModelRouter, RequestFailed, resolve_endpoints
 from builder.run_store import RunStore
+from builder.shipped import PIPELINE_CONFIGS
 
 STAGES = ("images", "questions", "responses", "preferences")
 EXECUTORS = ("local", "ray")
@@ -51,7 +57,7 @@ def _class_paths(cfg: PipelineConfig, limit: int | None) -> list[tuple[str, str,
     per_domain = [[p for p in cfg.taxonomy.paths() if cfg.taxonomy.slug_for(p[0]) == slug] for slug in cfg.taxonomy.slugs]
     order = [d[i] for i in range(max(map(len, per_domain))) for d in per_domain if i < len(d)]
     if limit is not None:
-        order = order[: math.ceil(limit / max(1, int(cfg.images["per_subcategory"])))]
+        order = order[: math.ceil(limit / cfg.images.per_subcategory)]
     return order
 
 
@@ -67,27 +73,29 @@ def _interleave(metas: list[dict], cfg: PipelineConfig) -> list[dict]:
 async def collect_units(cfg: PipelineConfig, store: RunStore, router: ModelRouter, limit: int | None, progress: bool) -> dict:
     """Collect the images one subcategory at a time, each stored as it completes (so a crash loses at most
     one subcategory's downloads and memory holds one subcategory), then fix the work-unit order."""
-    from builder.images import ImageFilters, build_source, collect_images
+    from builder.images import build_source, collect_images
 
     tag = cfg.fingerprint("images", "keywords", "taxonomy", prompts=("keywords",))
     plan = f"{tag}:{limit}"
     if store.mark("images") == plan:
         return json.loads(store.mark("images_info") or "{}")
-    try:
-        sources = [build_source(s, base_dir=cfg.base_dir, index=i) for i, s in enumerate(cfg.images["sources"])]
-        filters = ImageFilters.from_config(cfg.images["filters"])
-    except DataError as e:
-        raise e.located(file=cfg.file) from None
+    sources = [build_source(s, index=i) for i, s in enumerate(cfg.images.sources)]  # checked when the config was read
     paths = _class_paths(cfg, limit)
     todo = [p for p in paths if store.mark(f"images:{tag}:{'/'.join(p)}") is None]
     failures: list[dict] = []
+    unparseable: list[str] = []
 
     async def expand(path):
         try:
-            return await stages.expand_keywords(router, cfg, path)
+            words = await stages.expand_keywords(router, cfg, path)
         except RequestFailed as e:
-            failures.append({"subcategory": "/".join(path), "stage": "keywords", "model": e.model, "kind": e.kind})
+            failures.append({"subcategory": "/".join(path), "stage": "keywords", "model": e.model, "kind": e.kind,
+                             "detail": e.detail})
             return None
+        if words is None:  # a reply without keywords (e.g. an echo of the prompt): search by the name instead
+            unparseable.append("/".join(path))
+            words = [path[2]]
+        return words
 
     keywords = dict(zip(todo, await asyncio.gather(*(expand(p) for p in todo))))
     stored = store.tagged(tag)
@@ -98,11 +106,12 @@ async def collect_units(cfg: PipelineConfig, store: RunStore, router: ModelRoute
             continue  # its keyword call failed: left unmarked, so the next run tries again
         try:
             images, rej = await collect_images(
-                sources, filters, {path: keywords[path]}, per_subcategory=int(cfg.images["per_subcategory"]),
-                download_concurrency=int(cfg.images["download_concurrency"]), timeout=float(cfg.images["timeout"]),
+                sources, cfg.images.filters, {path: keywords[path]}, per_subcategory=cfg.images.per_subcategory,
+                download_concurrency=cfg.images.download_concurrency, timeout=cfg.images.timeout,
                 progress=False, seen=seen)
         except (ConnectionError, OSError) as e:  # a source that is down: this subcategory waits for the next run
-            failures.append({"subcategory": "/".join(path), "stage": "images", "kind": type(e).__name__, "detail": str(e)[:300]})
+            failures.append({"subcategory": "/".join(path), "stage": "images", "model": None, "kind": type(e).__name__,
+                             "detail": str(e)[:300]})
             continue
         store.add_images(images, tag)
         seen[0].update(i.sha256 for i in images)
@@ -115,7 +124,7 @@ async def collect_units(cfg: PipelineConfig, store: RunStore, router: ModelRoute
     metas = metas[:limit] if limit is not None else metas
     store.set_order([m["sha256"] for m in metas])
     info = {"collected": len(seen[0]), "units": len(metas), "rejected": dict(sorted(rejected.items())),
-            "subcategories": len(paths), "failures": failures}
+            "subcategories": len(paths), "keywords_unparseable": sorted(unparseable), "failures": failures}
     store.set_mark("images_info", json.dumps(info))
     if not failures:  # otherwise the next run retries what failed
         store.set_mark("images", plan)
@@ -145,9 +154,8 @@ async def process_unit(router: ModelRouter, cfg: PipelineConfig, meta: dict, dat
         raise  # a config error (a refused parameter, a missing key): every unit would fail the same way
     except Exception as e:  # noqa: BLE001 - a request that failed for good, or anything else: this unit, not the run
         failed = isinstance(e, RequestFailed)
-        record.update(status="failed", error={"stage": stage, "model": e.model if failed else None,
-                                              "kind": e.kind if failed else type(e).__name__,
-                                              "detail": e.detail if failed else str(e)[:300]})
+        record = failed_record(cfg, meta, until, stage, e.model if failed else None,
+                               e.kind if failed else type(e).__name__, e.detail if failed else str(e)[:300])
         advance and advance(stage, failed=True)
     return record
 
@@ -155,6 +163,13 @@ async def process_unit(router: ModelRouter, cfg: PipelineConfig, meta: dict, dat
 def _record(cfg: PipelineConfig, meta: dict, until: str) -> dict:
     """A unit record's head: the image's metadata, the last stage asked for, the config it was made under."""
     return {**meta, "id": meta["sha256"], "until": until, "config": cfg.units_fingerprint}
+
+
+def failed_record(cfg: PipelineConfig, meta: dict, until: str, stage: str, model: str | None, kind: str,
+                  detail: str) -> dict:
+    """The record of a unit that failed at ``stage``: why, in the words of the server or the error."""
+    return {**_record(cfg, meta, until), "status": "failed",
+            "error": {"stage": stage, "model": model, "kind": kind, "detail": detail}}
 
 
 class Progress:
@@ -196,106 +211,49 @@ async def _run_local(cfg, store: RunStore, router: ModelRouter, metas: list[dict
             meta = queue.get_nowait()
             store.put_unit(await process_unit(router, cfg, meta, store.image_data(meta["sha256"]), until, progress.advance))
 
-    await asyncio.gather(*(worker() for _ in range(min(int(cfg.run["units_in_flight"]), len(metas)))))
+    await asyncio.gather(*(worker() for _ in range(min(cfg.run.units_in_flight, len(metas)))))
 
 
-class _StoreActor:
-    """The run store behind a Ray actor on the driver's node: workers on any machine share one cache."""
-
-    def __init__(self, run_dir: str):
-        self.store = RunStore(run_dir)
-
-    def get(self, key):
-        return self.store.lookup(key)
-
-    def put(self, key, model, reply):
-        self.store.store(key, model, reply)
+def _advance_for(progress: Progress, record: dict, until: str) -> None:
+    """Move the stage bars for a record that finished elsewhere (a Ray task)."""
+    failed_at = (record.get("error") or {}).get("stage")
+    for stage in STAGES[1:STAGES.index(until) + 1]:
+        progress.advance(stage, failed=stage == failed_at)
+        if stage == failed_at:
+            break
 
 
-class _ActorCache:
-    def __init__(self, actor):
-        self.actor = actor
-
-    async def get(self, key):
-        return await self.actor.get.remote(key)
-
-    async def put(self, key, model, reply):
-        await self.actor.put.remote(key, model, reply)
-
-
-def _ray_chunk(cfg, units: list[tuple[dict, bytes]], actor, share: float, until: str):
-    """A Ray task: run a chunk of units with a share of the limits; return their records and meters."""
-
-    async def run():
-        router = ModelRouter(cfg.models, _ActorCache(actor), limit_share=share)
-        try:
-            records = await asyncio.gather(*(process_unit(router, cfg, meta, data, until) for meta, data in units))
-        finally:
-            await router.aclose()
-        return records, router.meters
-
-    return asyncio.run(run())
-
-
-def _run_ray(cfg, store: RunStore, meters: dict[str, Meter], metas: list[dict], until: str, progress: Progress) -> None:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
-    workers = int(cfg.run["ray_workers"] or max(1, int(ray.cluster_resources().get("CPU", 1))))
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ray.remote(_StoreActor).options(scheduling_strategy=here).remote(str(store.dir))
-    task = ray.remote(num_cpus=1)(_ray_chunk)
-    size = max(1, min(32, math.ceil(len(metas) / (workers * 4))))  # small chunks: records land often, little in flight
-    chunks = [metas[i:i + size] for i in range(0, len(metas), size)]
-    pending: list = []
-    chunk_of: dict = {}
-    try:
-        while chunks or pending:
-            while chunks and len(pending) < workers:  # at most `workers` at once, so 1/workers of each limit holds
-                chunk = chunks.pop(0)
-                ref = task.remote(cfg, [(m, store.image_data(m["sha256"])) for m in chunk], actor, 1 / workers, until)
-                pending.append(ref)
-                chunk_of[ref] = chunk
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                records, chunk_meters = ray.get(done[0])
-            except Exception as e:  # noqa: BLE001 - a lost worker or node fails its chunk's units, not the run
-                error = {"stage": "questions", "model": None, "kind": type(e).__name__, "detail": str(e)[:300]}
-                records = [{**_record(cfg, m, until), "status": "failed", "error": error} for m in chunk_of[done[0]]]
-                chunk_meters = {}
-            for record in records:
-                store.put_unit(record)
-                failed_at = record.get("error", {}).get("stage")
-                for s in STAGES[1:STAGES.index(until) + 1]:
-                    if s == failed_at:
-                        progress.advance(s, failed=True)
-                        break
-                    progress.advance(s)
-            for name, m in chunk_meters.items():
-                meters[name].merge(m)
-    finally:
-        ray.kill(actor)
+def _check_recipe(cfg: PipelineConfig) -> None:
+    """The shipped OpenAI recipe with SPA_VL_MODEL set: the user means a local server, which has its own recipe."""
+    if Path(cfg.file).resolve() == (PIPELINE_CONFIGS / "pipeline.yaml").resolve() and os.environ.get("SPA_VL_MODEL"):
+        raise DataError("SPA_VL_MODEL is set, but the `pipeline` recipe sends OpenAI's model ids at OpenAI's prices "
+                        "and limits; for a local server (vLLM, SGLang, Ollama) run `spa-vl generate local-server` "
+                        "(every role on SPA_VL_MODEL, no prices), or unset SPA_VL_MODEL", file=cfg.file)
 
 
 def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, executor: str = "local", limit: int | None = None,
              until: str = "preferences", progress: bool = True) -> dict:
-    """Run the pipeline into ``run_dir`` (created or resumed) and return the summary it writes."""
+    """Run the pipeline into ``run_dir`` (created or resumed) and return the summary it writes.
+
+    ``config``: a YAML path, the name of a shipped recipe (``pipeline``, ``local-server``, ``local``) or a
+    loaded :class:`PipelineConfig`. Everything is checked, and every endpoint resolved, before the first request."""
     t0 = time.perf_counter()
     if executor not in EXECUTORS:
         raise DataError(f"executor must be one of {EXECUTORS}, got {executor!r}", field="executor")
     if until not in STAGES:
         raise DataError(f"until must be one of {STAGES}, got {until!r}", field="until")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise DataError(f"limit must be a positive integer, got {limit!r}", field="limit")
     cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.load(config)
+    _check_recipe(cfg)
+    try:  # here, in the driver: Ray workers get the URLs and keys, never read their own environment
+        endpoints = resolve_endpoints(cfg.models, cfg.used_models())
+    except DataError as e:
+        raise e.located(file=cfg.file) from None
     store = RunStore(run_dir)
     # `${VAR}` stays unexpanded and keys are named, never held: nothing secret reaches the run directory.
-    snapshot = {**_merge(DEFAULTS, cfg.unexpanded or cfg.raw, "", cfg.file), "taxonomy": cfg.taxonomy.source,
-                "config_file": cfg.file, "units_fingerprint": cfg.units_fingerprint}
-    _write_atomic(store.dir / "config.yaml", yaml.safe_dump(snapshot, sort_keys=False, allow_unicode=True))
-    router = ModelRouter(cfg.models, store)
+    _write_atomic(store.dir / "config.yaml", yaml.safe_dump(cfg.snapshot(), sort_keys=False, allow_unicode=True))
+    router = ModelRouter(cfg.models, store, endpoints=endpoints)
 
     async def run() -> tuple[dict, list[dict]]:  # one event loop: the clients and limiters belong to it
         try:
@@ -306,20 +264,59 @@ def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, execut
                 if until != "images" and executor == "local":
                     await _run_local(cfg, store, router, metas, until, bar)
                 elif until != "images":
-                    await asyncio.to_thread(_run_ray, cfg, store, router.meters, metas, until, bar)
+                    from builder.ray_executor import run_on_ray
+
+                    def on_record(record: dict) -> None:
+                        store.put_unit(record)
+                        _advance_for(bar, record, until)
+
+                    await asyncio.to_thread(run_on_ray, cfg, store, endpoints, router.meters, metas, until, on_record)
             finally:
                 bar.close()
         finally:
             await router.aclose()
         return images_info, metas
 
+    if executor == "ray" and until != "images":
+        from builder.ray_executor import connect
+
+        connect()
     try:
         images_info, metas = asyncio.run(run())
         summary = summarize(store, cfg, metas, router.meters, images_info, time.perf_counter() - t0, executor, until)
+    except DataError as e:  # a config error met at run time (a model that does not load): the file it is in
+        raise e.located(file=cfg.file) from None
     finally:
         store.close()
     _write_atomic(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
     return summary
+
+
+def _usage(store: RunStore, cfg: PipelineConfig, meters: dict[str, Meter]) -> dict[str, dict]:
+    """Per model: requests, tokens and cost counted from the replies this invocation stored (wherever they
+    were sent from), failures, retries and cache hits from the meters."""
+    stored = store.usage()
+    out = {}
+    for name, m in meters.items():
+        n, prompt, completion = stored.get(name, (0, 0, 0))
+        if not (n or m.failed or m.cached):
+            continue
+        out[name] = {"requests": n + m.failed, "cached": m.cached, "retries": m.retries, "failed": m.failed,
+                     "prompt_tokens": prompt, "completion_tokens": completion,
+                     "cost_usd": round(cfg.models[name].cost(prompt, completion), 6), "cached_tokens": m.cached_tokens,
+                     "cached_cost_usd": round(m.cached_cost_usd, 6)}
+    return out
+
+
+def _why(image_failures: list[dict], unit_failures: list[dict]) -> list[dict]:
+    """What failed, grouped by stage, model and kind, most frequent first, with the first message of each."""
+    groups: dict[tuple, dict] = {}
+    for what, failures in (("subcategories", image_failures), ("units", unit_failures)):
+        for f in failures:
+            key = (what, f["stage"], f.get("model"), f["kind"])
+            groups.setdefault(key, {"count": 0, "what": what, "stage": f["stage"], "model": f.get("model"),
+                                    "kind": f["kind"], "detail": f.get("detail") or ""})["count"] += 1
+    return sorted(groups.values(), key=lambda g: -g["count"])
 
 
 def summarize(store: RunStore, cfg, metas: list[dict], meters: dict[str, Meter], images_info: dict, wall: float,
@@ -328,41 +325,58 @@ def summarize(store: RunStore, cfg, metas: list[dict], meters: dict[str, Meter],
     failures = [{"unit": r["id"], **r["error"]} for r in records if r["status"] == "failed"]
     pairs = Counter(p.get("status", "answered") for r in records if r["status"] == "done" for p in r.get("pairs", {}).values())
     judged = pairs["agreed"] + pairs["position_disagreement"] + pairs["averaged"]  # averaged: verdicts disagreed
-    models = {name: {"requests": m.requests, "cached": m.cached, "retries": m.retries, "failed": m.failed,
-                     "prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
-                     "cost_usd": round(m.cost_usd, 6), "cached_tokens": m.cached_tokens,
-                     "cached_cost_usd": round(m.cached_cost_usd, 6)} for name, m in meters.items() if m.requests or m.cached}
+    models = _usage(store, cfg, meters)
+    total = {k: sum(m[k] for m in models.values()) for k in
+             ("requests", "cached", "retries", "failed", "prompt_tokens", "completion_tokens", "cost_usd",
+              "cached_tokens", "cached_cost_usd")}
     return {
         "run_dir": str(store.dir), "config_fingerprint": cfg.fingerprint(), "executor": executor, "until": until,
         "images": images_info,
         "units": {"total": len(metas), "done": sum(r["status"] == "done" for r in records), "failed": len(failures),
                   "not_run": len(metas) - len(records), "failures": failures,
                   "failure_kinds": dict(Counter(f"{f['stage']}:{f['kind']}" for f in failures))},
+        "why": _why(images_info.get("failures", []), failures),
         "pairs": {**dict(sorted(pairs.items())),
                   "kept": pairs["agreed"] + pairs["averaged"],
                   "position_disagreement_rate": round((pairs["position_disagreement"] + pairs["averaged"]) / judged, 4)
                   if judged else None},
-        "requests": {"sent": sum(m.requests for m in meters.values()), "cached": sum(m.cached for m in meters.values()),
-                     "retried": sum(m.retries for m in meters.values()), "failed": sum(m.failed for m in meters.values())},
+        "requests": {"sent": total["requests"], "cached": total["cached"], "retried": total["retries"],
+                     "failed": total["failed"]},
         "models": models,
-        "tokens": {"prompt": sum(m.prompt_tokens for m in meters.values()),
-                   "completion": sum(m.completion_tokens for m in meters.values())},
-        "cost_usd": round(sum(m.cost_usd for m in meters.values()), 6),
+        "tokens": {"prompt": total["prompt_tokens"], "completion": total["completion_tokens"]},
+        "cost_usd": round(total["cost_usd"], 6),
         # what the run's replies cost in all, this invocation's and those an earlier one paid for (cached)
-        "run_total": {"tokens": sum(m.prompt_tokens + m.completion_tokens + m.cached_tokens for m in meters.values()),
-                      "cost_usd": round(sum(m.cost_usd + m.cached_cost_usd for m in meters.values()), 6)},
+        "run_total": {"tokens": total["prompt_tokens"] + total["completion_tokens"] + total["cached_tokens"],
+                      "cost_usd": round(total["cost_usd"] + total["cached_cost_usd"], 6)},
         "wall_time_s": round(wall, 3),
     }
+
+
+def _why_line(s: dict) -> str:
+    """The most frequent failure and its reason, for the summary line ('' when nothing failed)."""
+    notes = []
+    if s["why"]:
+        top = s["why"][0]
+        at = f"{top['stage']}" + (f" ({top['model']})" if top["model"] else "")
+        notes.append(f"{top['count']:,} {top['what']} failed at {at}: {top['kind']}"
+                     + (f": {top['detail'][:160]}" if top["detail"] else "")
+                     + (f" (+{len(s['why']) - 1} other reasons in summary.json)" if len(s["why"]) > 1 else ""))
+    unread = len(s["images"].get("keywords_unparseable", []))
+    if unread:
+        notes.append(f"{unread:,} keyword replies unparseable (searched by the subcategory name)")
+    return "".join(f" · {n}" for n in notes)
 
 
 def summary_line(s: dict) -> str:
     u, r, p = s["units"], s["requests"], s["pairs"]
     rate, averaged = p["position_disagreement_rate"], p.get("averaged", 0)
+    unparseable = p.get("judge_unparseable", 0)
     pairs = (f"{p['kept']:,} preference pairs kept{f' ({averaged:,} by averaging both orders)' if averaged else ''}, "
              f"{p.get('position_disagreement', 0):,} left out"
-             + (f" (the two orders disagreed on {rate:.0%} of judged pairs)" if rate is not None else ""))
+             + (f" (the two orders disagreed on {rate:.0%} of judged pairs)" if rate is not None else "")
+             + (f", {unparseable:,} with an unparseable verdict" if unparseable else ""))
     return (f"generate: {u['total']:,} units ({u['done']:,} done, {u['failed']:,} failed) · {pairs} · "
             f"{r['sent']:,} requests sent, {r['cached']:,} cached, "
             f"{r['retried']:,} retried, {r['failed']:,} failed · ${s['cost_usd']:.4f} (run total "
-            f"${s['run_total']['cost_usd']:.4f}) · {s['wall_time_s']:.1f} s "
+            f"${s['run_total']['cost_usd']:.4f}) · {s['wall_time_s']:.1f} s{_why_line(s)} "
             f"→ {Path(s['run_dir']) / 'summary.json'}")

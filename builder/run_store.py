@@ -1,8 +1,9 @@
 """The run store: everything a pipeline run has paid for, in one sqlite file under the run directory.
 
-``RUN_DIR/run.sqlite`` holds the request cache (``requests``), the collected images (``images``), one
-record per work unit (``units``) and stage markers (``marks``). Every write commits on its own (WAL),
-so a SIGKILL loses at most the call in flight, and re-running the same command resumes from here.
+``RUN_DIR/run.sqlite`` holds the request cache (``requests``, with the run session that stored each reply)
+and stage markers (``marks``), the collected images (``images``) and one record per work unit (``units``).
+Every write commits on its own (WAL), so a SIGKILL loses at most the call in flight, and re-running the
+same command resumes from here.
 
 Example::
 
@@ -17,26 +18,18 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from builder.llm import RequestCache
+from builder.request_cache import RequestCache
 
 
 class RunStore(RequestCache):
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, session: str | None = None):
+        """``session``: the run this connection stores replies for (a Ray actor shares the driver's)."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        super().__init__(self.dir / "run.sqlite")
+        super().__init__(self.dir / "run.sqlite", session=session)
         db = self._db
         db.execute("CREATE TABLE IF NOT EXISTS images (sha256 TEXT PRIMARY KEY, ord INTEGER, meta TEXT, data BLOB)")
         db.execute("CREATE TABLE IF NOT EXISTS units (id TEXT PRIMARY KEY, status TEXT, record TEXT)")
-        db.execute("CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value TEXT)")
-
-    # --- stage markers ------------------------------------------------------------------------------
-    def mark(self, name: str) -> str | None:
-        row = self._db.execute("SELECT value FROM marks WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else None
-
-    def set_mark(self, name: str, value: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", (name, value))
 
     # --- images (the work units' inputs) ------------------------------------------------------------
     def add_images(self, images: list, tag: str) -> None:

@@ -11,6 +11,8 @@
 
 Stages share nothing but their arguments: a unit record (a dict), the :class:`~builder.llm.ModelRouter`
 and the :class:`~builder.config.PipelineConfig`. Prompts are the config's files, formatted with ``str.format``.
+Every reply is read without the lines it repeats from its prompt (:func:`~builder.llm.strip_echo`): a
+server that echoes the request gives no keywords, no question and no verdict, and is counted as such.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import random
 import re
 
-from builder.llm import ModelRouter, RequestFailed, image_part, parse_json_reply
+from builder.llm import ModelRouter, RequestFailed, image_part, parse_json_reply, strip_echo
 
 QUESTION_TYPES = ("easy", "hardq", "hards")
 VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["better", "reason"],
@@ -40,51 +42,56 @@ def _labels(unit: dict) -> dict:
             "caption": unit.get("caption") or unit.get("keyword") or unit["class3"]}
 
 
-async def expand_keywords(router: ModelRouter, cfg, class_path: tuple[str, str, str]) -> list[str]:
-    """Search keywords for a subcategory; without a keyword model, the subcategory name itself."""
+async def expand_keywords(router: ModelRouter, cfg, class_path: tuple[str, str, str]) -> list[str] | None:
+    """Search keywords for a subcategory; without a keyword model, the subcategory name itself. None when
+    the reply holds no keywords (e.g. it only repeats the prompt): the caller counts it and falls back."""
     kw = cfg.keywords
-    if not kw["model"]:
+    if not kw.model:
         return [class_path[2]]
-    n = int(kw["per_subcategory"])
+    n = kw.per_subcategory
     prompt = cfg.prompt("keywords").format(class1=class_path[0], class2=class_path[1], class3=class_path[2], n=n)
-    reply = await router.chat(kw["model"], _user(prompt), params=kw["params"], schema=KEYWORDS_SCHEMA)
-    obj = parse_json_reply(reply.text, ("keywords",))
-    words = obj["keywords"] if obj and isinstance(obj["keywords"], list) else re.split(r"[\n,;]+", reply.text)
+    reply = await router.chat(kw.model, _user(prompt), params=kw.params, schema=KEYWORDS_SCHEMA)
+    text = strip_echo(reply.text, prompt)
+    obj = parse_json_reply(text, ("keywords",))
+    words = obj["keywords"] if obj and isinstance(obj["keywords"], list) else re.split(r"[\n,;]+", text)
     out: list[str] = []
     for w in words:
         w = re.sub(r"^[\s\-*\d.\"']+|[\s\"']+$", "", str(w))[:80]
         if w and w.lower() not in {o.lower() for o in out}:
             out.append(w)
-    return out[:n] or [class_path[2]]
+    return out[:n] or None
 
 
-def _clean(text: str) -> str:
-    """A question as the model wrote it, minus quotes and a leading label such as 'Question:'."""
-    text = re.sub(r"^\s*(question|statement|q)\s*:\s*", "", text.strip(), flags=re.I)
+def _clean(text: str, prompt: str) -> str:
+    """A question as the model wrote it, minus what it repeats of the prompt, quotes and a leading 'Question:'."""
+    text = re.sub(r"^\s*(question|statement|q)\s*:\s*", "", strip_echo(text, prompt), flags=re.I)
     return text.strip().strip('"').strip()
 
 
 async def questions(router: ModelRouter, cfg, unit: dict, images: dict[str, bytes]) -> dict:
-    q, params, labels, sha = cfg.questions, cfg.questions["params"], _labels(unit), unit["sha256"]
+    q, labels, sha = cfg.questions, _labels(unit), unit["sha256"]
+    asked = {name: cfg.prompt(name).format(**labels) for name in ("description", "easy")}
     description, easy = await asyncio.gather(
-        router.chat(q["describer"], _user(cfg.prompt("description").format(**labels), sha), images=images, params=params),
-        router.chat(q["easy"], _user(cfg.prompt("easy").format(**labels), sha), images=images, params=params),
+        router.chat(q.describer, _user(asked["description"], sha), images=images, params=q.params),
+        router.chat(q.easy, _user(asked["easy"], sha), images=images, params=q.params),
     )
-    ctx = {**labels, "description": description.text.strip(), "easy": _clean(easy.text)}
-    hardq, hards = await asyncio.gather(
-        router.chat(q["hard"], _user(cfg.prompt("hardq").format(**ctx)), params=params),
-        router.chat(q["hard"], _user(cfg.prompt("hards").format(**ctx)), params=params),
-    )
-    out = {"description": ctx["description"], "easy": ctx["easy"], "hardq": _clean(hardq.text), "hards": _clean(hards.text)}
-    for name, model in (("easy", q["easy"]), ("hardq", q["hard"]), ("hards", q["hard"])):
+    ctx = {**labels, "description": strip_echo(description.text, asked["description"]),
+           "easy": _clean(easy.text, asked["easy"])}
+    asked.update({name: cfg.prompt(name).format(**ctx) for name in ("hardq", "hards")})
+    hardq, hards = await asyncio.gather(router.chat(q.hard, _user(asked["hardq"]), params=q.params),
+                                        router.chat(q.hard, _user(asked["hards"]), params=q.params))
+    out = {"description": ctx["description"], "easy": ctx["easy"], "hardq": _clean(hardq.text, asked["hardq"]),
+           "hards": _clean(hards.text, asked["hards"])}
+    for name, model in (("description", q.describer), ("easy", q.easy), ("hardq", q.hard), ("hards", q.hard)):
         if not out[name]:
-            raise RequestFailed(model, "empty_question", f"the {name} reply held no question once cleaned")
+            raise RequestFailed(model, "empty_question" if name != "description" else "empty_description",
+                                f"the {name} reply held nothing but the prompt once cleaned")
     return out
 
 
 def pick_models(cfg, unit_id: str, qtype: str) -> list[str]:
     """Two distinct models of the bag for one question: the same seed and unit always draw the same two."""
-    return random.Random(f"{cfg.seed}:{unit_id}:{qtype}").sample(sorted(set(cfg.responses["bag"])), 2)
+    return random.Random(f"{cfg.seed}:{unit_id}:{qtype}").sample(sorted(set(cfg.responses.bag)), 2)
 
 
 async def responses(router: ModelRouter, cfg, unit: dict, qs: dict, images: dict[str, bytes]) -> dict:
@@ -92,7 +99,7 @@ async def responses(router: ModelRouter, cfg, unit: dict, qs: dict, images: dict
         models = pick_models(cfg, unit["id"], qtype)
 
         def params(m: str) -> dict:  # a seed per bag entry: two entries serving one model id still differ
-            return {**cfg.responses["params"], "seed": random.Random(f"{cfg.seed}:{unit['id']}:{qtype}:{m}").randrange(2**31)}
+            return {**cfg.responses.params, "seed": random.Random(f"{cfg.seed}:{unit['id']}:{qtype}:{m}").randrange(2**31)}
 
         replies = await asyncio.gather(*(router.chat(m, _user(qs[qtype], unit["sha256"]), images=images, params=params(m))
                                          for m in models))
@@ -101,8 +108,10 @@ async def responses(router: ModelRouter, cfg, unit: dict, qs: dict, images: dict
     return dict(await asyncio.gather(*(answer(t) for t in QUESTION_TYPES)))
 
 
-def parse_verdict(text: str) -> str | None:
-    """'A' or 'B' from a judge reply: structured JSON, a local model's choice, or free text as a fallback."""
+def parse_verdict(text: str, prompt: str = "") -> str | None:
+    """'A' or 'B' from a judge reply: structured JSON, a local model's choice, or free text as a fallback.
+    What the reply repeats of ``prompt`` is not read (the prompt's own example names both letters)."""
+    text = strip_echo(text, prompt) if prompt else text
     obj = parse_json_reply(text, ("better",)) or parse_json_reply(text, ("choice",))
     if obj:
         v = str(obj.get("better", obj.get("choice", ""))).strip().strip("[]").upper()
@@ -118,7 +127,8 @@ def parse_verdict(text: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def parse_unsafe(text: str) -> bool | None:
+def parse_unsafe(text: str, prompt: str = "") -> bool | None:
+    text = strip_echo(text, prompt) if prompt else text
     obj = parse_json_reply(text, ("unsafe",)) or parse_json_reply(text, ("choice",))
     if obj:
         v = obj.get("unsafe", obj.get("choice"))
@@ -129,23 +139,25 @@ def parse_unsafe(text: str) -> bool | None:
 
 async def preferences(router: ModelRouter, cfg, unit: dict, qs: dict, answers: dict, images: dict[str, bytes]) -> dict:
     judge, safety = cfg.judge, cfg.safety
-    local_judge = router.spec(judge["model"]).backend == "transformers"
+    local_judge = router.spec(judge.model).backend == "transformers"
 
     async def verdict(question: str, a: str, b: str) -> tuple[str | None, str, float | None]:
         """(verdict, reason, probability of A when the judge is a local model)."""
         prompt = cfg.prompt("judge").format(question=question, answer_a=a, answer_b=b)
-        reply = await router.chat(judge["model"], _user(prompt, unit["sha256"]), images=images, params=judge["params"],
+        reply = await router.chat(judge.model, _user(prompt, unit["sha256"]), images=images, params=judge.params,
                                   schema=VERDICT_SCHEMA, choices=["A", "B"] if local_judge else None)
-        obj = parse_json_reply(reply.text, ("better", "reason")) or parse_json_reply(reply.text, ("probabilities",))
+        text = strip_echo(reply.text, prompt)
+        obj = parse_json_reply(text, ("better", "reason")) or parse_json_reply(text, ("probabilities",))
         p_a = float(obj["probabilities"][0]) if obj and "probabilities" in obj else None
-        reason = str(obj["reason"]) if obj and "reason" in obj else f"p(A)={p_a}" if p_a is not None else reply.text.strip()[:500]
-        return parse_verdict(reply.text), reason, p_a
+        reason = str(obj["reason"]) if obj and "reason" in obj else f"p(A)={p_a}" if p_a is not None else text[:500]
+        return parse_verdict(text), reason, p_a
 
     async def unsafe(text: str) -> bool | None:
-        local = router.spec(safety["model"]).backend == "transformers"
-        reply = await router.chat(safety["model"], _user(cfg.prompt("safety").format(text=text)), params=safety["params"],
+        local = router.spec(safety.model).backend == "transformers"
+        prompt = cfg.prompt("safety").format(text=text)
+        reply = await router.chat(safety.model, _user(prompt), params=safety.params,
                                   schema=SAFETY_SCHEMA, choices=["safe", "unsafe"] if local else None)
-        return parse_unsafe(reply.text)
+        return parse_unsafe(reply.text, prompt)
 
     async def judge_pair(qtype: str) -> tuple[str, dict]:
         question, pair = qs[qtype], answers[qtype]
@@ -159,12 +171,12 @@ async def preferences(router: ModelRouter, cfg, unit: dict, qs: dict, answers: d
         w1, w2 = (0 if v1 == "A" else 1), (1 if v2 == "A" else 0)  # winner index in the original order
         status = "agreed"
         if w1 != w2:
-            if judge.get("agreement", "strict") != "average" or p1 is None or p2 is None:
+            if judge.agreement != "average" or p1 is None or p2 is None:
                 return qtype, {**out, "status": "position_disagreement", "verdicts": [v1, v2]}
             # A probability judge: P(r0 wins) averaged over both orders cancels a constant position bias.
             w1, status, why1 = (0 if (p1 + 1 - p2) / 2 >= 0.5 else 1), "averaged", f"p(first wins)={(p1 + 1 - p2) / 2:.4f}"
         out.update(status=status, verdicts=[v1, v2], chosen=w1, rationale=why1)
-        if safety["model"]:
+        if safety.model:
             labels = await asyncio.gather(unsafe(question), *(unsafe(f"User: {question}\nAssistant: {r}")
                                                                for r in (pair["responses"][w1], pair["responses"][1 - w1])))
             out["unsafe"] = {"question": labels[0], "chosen": labels[1], "rejected": labels[2]}

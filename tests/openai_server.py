@@ -13,7 +13,9 @@ real HTTP exactly as they talk to api.openai.com; nothing is mocked::
     with spawn_server(latency=0.05) as server:   # the same server in a child process (benchmarks), whose
         server.url, server.stats()                # counters are read over the admin routes
 
-``POST /v1/chat/completions`` goes through, in order: the ``rpm_limit`` limiter (a sliding 60 s window of
+``POST /v1/chat/completions`` goes through, in order: the ``api_keys`` check (when given, a request whose
+``Authorization: Bearer`` key is not one of them gets OpenAI's 401 ``invalid_api_key``, which quotes the key
+masked as OpenAI does, counted in ``unauthorized``), the ``rpm_limit`` limiter (a sliding 60 s window of
 accepted requests; past it a 429 with ``Retry-After`` = seconds until a slot frees, counted in
 ``rate_limited``), fault injection, the ``pause_after`` hold, ``latency``, then ``responder(body)`` (a str;
 ``generic_responder`` by default) becomes a ``chat.completion`` with usage at ~4 characters per token.
@@ -97,6 +99,21 @@ def generic_responder(body: dict) -> str:
     return f"loopback reply {request_key(body)[:8]} to: {text[:60]}"
 
 
+def echo_responder(body: dict) -> str:
+    """The text of the last user message, as it came: a server (or a broken model) that repeats the prompt."""
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            parts = content if isinstance(content, list) else [{"type": "text", "text": str(content or "")}]
+            return "\n".join(p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def masked_key(key: str) -> str:
+    """How OpenAI's 401 quotes a wrong key: its first 8 and last 4 characters around asterisks."""
+    return f"{key[:8]}{'*' * max(4, len(key) - 12)}{key[-4:]}" if len(key) > 12 else "*" * len(key)
+
+
 def _example(schema: dict, root: dict, salt: str):
     """A value satisfying the subset of JSON Schema that structured outputs use, chosen by ``salt``."""
     pick = int(hashlib.sha256(salt.encode()).hexdigest()[:12], 16)
@@ -139,7 +156,8 @@ class OpenAIServer:
     def __init__(self, responder: Callable[[dict], str] | None = None, *, latency: float = 0.0,
                  fault_rate: float = 0.0, faults=FAULT_KINDS, retry_after: float = 0.2,
                  hang_seconds: float = 30.0, rpm_limit: int | None = None, seed: int = 0,
-                 pause_after: int | None = None, json_schema: bool = True, host: str = "127.0.0.1", port: int = 0):
+                 pause_after: int | None = None, json_schema: bool = True, api_keys=None, host: str = "127.0.0.1",
+                 port: int = 0):
         faults = tuple(faults)
         if set(faults) - set(FAULT_KINDS) or (fault_rate > 0 and not faults):
             raise ValueError(f"faults must be a non-empty subset of {FAULT_KINDS}, got {faults}")
@@ -147,6 +165,7 @@ class OpenAIServer:
         self.latency, self.fault_rate, self.faults, self.retry_after = latency, fault_rate, faults, retry_after
         self.hang_seconds, self.rpm_limit, self.seed, self.pause_after = hang_seconds, rpm_limit, seed, pause_after
         self.host, self.port, self.json_schema = host, port, json_schema  # False: 400 on response_format, as older servers
+        self.api_keys = set(api_keys) if api_keys is not None else None  # None: no auth, as a local vLLM
         self._cond = threading.Condition()  # guards the counters; notified on each ok reply
         self._closing = threading.Event()  # wakes hung, held and sleeping requests at close
         self._resumed = threading.Event()
@@ -190,7 +209,8 @@ class OpenAIServer:
         self.close()
 
     def stats(self) -> dict:
-        """requests, ok, faults (kind → count), rate_limited (by rpm_limit), errors (bad body, responder
+        """requests, ok, faults (kind → count), rate_limited (by rpm_limit), unauthorized (a key not in
+        api_keys), errors (bad body, responder
         failure), dropped (the client left before its reply was ready: timed out, killed), held (waiting
         on pause_after now), in_flight and max_in_flight (chat requests)."""
         with self._cond:
@@ -206,10 +226,11 @@ class OpenAIServer:
         with self._cond:
             busy = self._stats["in_flight"]
             self._stats = {"requests": 0, "ok": 0, "faults": dict.fromkeys(self.faults, 0), "rate_limited": 0,
-                           "errors": 0, "dropped": 0, "held": 0, "in_flight": busy, "max_in_flight": busy}
+                           "unauthorized": 0, "errors": 0, "dropped": 0, "held": 0, "in_flight": busy, "max_in_flight": busy}
             self._served, self._attempts = collections.Counter(), collections.Counter()
             self._window: collections.deque[float] = collections.deque()  # times of accepted requests
             self._admitted = 0  # requests through the pause_after hold
+            self._held_peers: list[tuple] = getattr(self, "_held_peers", [])  # kept: requests may be waiting
             self._resumed.clear()
 
     def resume(self) -> None:
@@ -255,7 +276,7 @@ class OpenAIServer:
             self._stats["faults"][kind] += 1
         return kind, h
 
-    def _through_hold(self) -> bool:
+    def _through_hold(self, peer: tuple) -> bool:
         """The pause_after hold: True to go on, False if the server closed while the request waited."""
         if self.pause_after is None:
             return True
@@ -264,9 +285,17 @@ class OpenAIServer:
                 self._admitted += 1
                 return True
             self._stats["held"] += 1
+            self._held_peers.append(peer)
         self._resumed.wait()
+        with self._cond:
+            self._held_peers.remove(peer)
         self._count(-1, "held")
         return not self._closing.is_set()
+
+    def held_peers(self) -> list[tuple]:
+        """The client addresses (host, port) of the requests the pause_after hold keeps waiting now."""
+        with self._cond:
+            return list(self._held_peers)
 
     def _finished(self, key: str | None) -> None:
         """A chat request is over: answered ok (``key``), or with an error, or dropped (None)."""
@@ -298,6 +327,11 @@ class _HTTPServer(ThreadingHTTPServer):
         with self._conns_lock:
             self._conns.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away (killed, timed out) while its connection idled: not the server's error
+        super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         with self._conns_lock:
@@ -358,6 +392,11 @@ class _Handler(BaseHTTPRequestHandler):
             api._count(1, "errors")
             return self._error(400, f"bad request body: {e}", "invalid_request_error")
         key = request_key(body)
+        given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if api.api_keys is not None and given not in api.api_keys:
+            api._count(1, "unauthorized")
+            return self._error(401, f"Incorrect API key provided: {masked_key(given)}. You can find your API key at "
+                               "https://platform.openai.com/account/api-keys.", "invalid_request_error", "invalid_api_key")
         if not api.json_schema and "response_format" in body:
             api._count(1, "errors")
             return self._error(400, "response_format is not supported by this server", "invalid_request_error")
@@ -374,7 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, MALFORMED)
         if kind == "hang":
             api._closing.wait(api.hang_seconds)
-        if kind == "hang" or not api._through_hold() or (api.latency and api._closing.wait(api.latency)):
+        if kind == "hang" or not api._through_hold(self.client_address[:2]) or (api.latency and api._closing.wait(api.latency)):
             self.close_connection = True  # dropped without a reply: a hang, or the server closing
             return
         try:

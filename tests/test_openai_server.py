@@ -15,7 +15,9 @@ from openai_server import (
     IMAGE_TOKENS,
     OpenAIServer,
     _prompt_tokens,
+    echo_responder,
     generic_responder,
+    masked_key,
     request_key,
     spawn_server,
 )
@@ -284,3 +286,29 @@ def test_an_image_costs_fixed_tokens_whatever_its_data_url_size():
 
     text_only = _prompt_tokens([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
     assert _prompt_tokens(image(100)) == _prompt_tokens(image(100_000)) == text_only + IMAGE_TOKENS
+
+
+def test_api_keys_answer_a_wrong_key_as_openai_does():
+    with OpenAIServer(api_keys={"sk-right-key-0001"}) as server:
+        with openai.OpenAI(base_url=server.url, api_key="sk-wrong-key-123456", max_retries=0) as client:
+            with pytest.raises(openai.AuthenticationError) as err:
+                client.chat.completions.create(**_body())
+        with _client(server) as client:  # api_key="test"
+            with pytest.raises(openai.AuthenticationError):
+                client.chat.completions.create(**_body())
+        with openai.OpenAI(base_url=server.url, api_key="sk-right-key-0001", max_retries=0) as client:
+            assert client.chat.completions.create(**_body()).choices[0].message.content
+        stats = server.stats()
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    assert f"Incorrect API key provided: {masked_key('sk-wrong-key-123456')}." in err.value.message
+    assert "sk-wrong-key-123456" not in err.value.message and masked_key("sk-wrong-key-123456").startswith("sk-wrong")
+    assert (stats["unauthorized"], stats["ok"]) == (2, 1)
+
+
+def test_echo_responder_repeats_the_prompt():
+    body = {"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}},
+                                                                    {"type": "text", "text": "line one\nline two"}]}]}
+    with OpenAIServer(echo_responder) as server, _client(server) as client:
+        reply = client.chat.completions.create(**body)
+    assert reply.choices[0].message.content == "line one\nline two"

@@ -15,7 +15,7 @@ import yaml
 from openai_server import OpenAIServer
 from pipeline_doubles import pipeline_responder, write_config
 
-from builder.build import build
+from builder.build import NothingToBuild, build
 from builder.config import PipelineConfig
 from builder.errors import DataError
 from builder.pipeline import generate
@@ -152,7 +152,7 @@ def test_a_request_that_keeps_failing_fails_its_unit_with_a_reason(tmp_path):
     failure = summary["units"]["failures"][0]
     assert failure["stage"] == "questions" and failure["kind"].startswith("http_5") and failure["model"] == "m0"
     assert summary["requests"]["retried"] >= 2 * 2
-    with pytest.raises(DataError, match="no finished work units"):
+    with pytest.raises(NothingToBuild, match=r"no work unit finished: 2 failed \(questions: http_5.*The server had an error"):
         build(tmp_path / "run", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -264,6 +264,7 @@ def test_build_leaves_out_units_made_under_another_config(reference, tmp_path, c
     snap = yaml.safe_load((run / "config.yaml").read_text())
     snap["units_fingerprint"] = "another-config"
     (run / "config.yaml").write_text(yaml.safe_dump(snap))
-    with pytest.raises(DataError, match="no finished work units"):
+    with pytest.raises(NothingToBuild, match=f"the {LIMIT} finished units were made with an earlier config"):
         build(run, tmp_path / "out", progress=False)
     assert f"{LIMIT} finished units were made with an earlier config" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
