@@ -34,10 +34,15 @@ from builder.errors import DataError
 # its help, so each list has one owner). Keys: "command.parameter", or "parameter" for every command.
 CHOICES = {
     "fixture.layout": "builder.fixture:LAYOUTS",
+    "fixture.meta_in": "builder.fixture:META_PLACES",
+    "configs.action": "builder.shipped:ACTIONS",
     "generate.executor": "builder.pipeline:EXECUTORS",
     "generate.until": "builder.pipeline:STAGES",
     "version.bump": "builder.versioning:PARTS",
     "train.kind": "training.config:KINDS",
+}
+BARE_WORDS = {  # commands whose optional parameters may also be given as bare words, in this order
+    "configs": ("action", "name", "dest"),  # spa-vl configs copy pipeline my.yaml
 }
 RANGES = {  # inclusive (lowest, highest); None: unbounded
     "rows_per_domain": (0, None),
@@ -110,6 +115,9 @@ class Command:
     def positional(self) -> list[Parameter]:
         """Parameters a bare word may fill, in order: the required ones; with none required, a leading
         optional non-flag one (``demo [OUT]``, ``train [KIND]``)."""
+        if self.name in BARE_WORDS:
+            by_name = {p.name: p for p in self.params}
+            return [by_name[n] for n in BARE_WORDS[self.name]]
         required = [p for p in self.params if p.required]
         if required or not self.params or self.params[0].kind is bool:
             return required

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from builder.errors import DataError
 
+ACTIONS = ("list", "copy")  # spa-vl configs [list|copy NAME DEST]
+
 PIPELINE_CONFIGS = Path(__file__).with_name("configs")
 PROMPTS = Path(__file__).with_name("prompts")
 

@@ -81,9 +81,9 @@ def test_trainer_and_judge_configs_resolve_by_name_from_any_folder(installed):
     site, _ = installed
     code = (
         "from training.config import load_config, resolve_config_path\n"
-        "from training.evaluate import _resolve_judge_path, load_judge_config\n"
+        "from training.judge_config import _resolve_judge_path, load_judge_config\n"
         "print(resolve_config_path('llava-1.5-7b-lora'))\n"
-        "print(load_config('llava-1.5-7b-lora', 'dpo')['kind'])\n"
+        "print(load_config('llava-1.5-7b-lora', 'dpo').kind)\n"
         "print(_resolve_judge_path('judge'))\n"
         "print(sorted(load_judge_config('judge').prompts))\n"
     )
