@@ -49,6 +49,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,9 +71,10 @@ UNLABELLED = "(unlabelled)"
 def _domain_labels(domains: list[str] | None, rows: dict[str, list[dict]], dataset: str) -> set[str] | None:
     if not domains:
         return None
+    from builder.folder import folder_taxonomy
     from builder.taxonomy import Taxonomy
 
-    tax = Taxonomy.load()
+    tax = folder_taxonomy(dataset) if Path(dataset).is_dir() else Taxonomy.load()  # a folder's labels are its own
     present = {r["class1"] for split_rows in rows.values() for r in split_rows}
     labels = set()
     for d in domains:
@@ -99,8 +101,11 @@ def load_test_rows(dataset: str, *, limit: int | None = None, domains: list[str]
     try:
         dd = spa_vl.load("test", source=dataset, keep_in_memory=True)
     except (ValueError, OSError) as first:
-        try:  # another layout with a `test` config (the upstream sqrti/SPA-VL repo or a copy of it)
-            dd = datasets.load_dataset(dataset, "test")
+        try:  # another layout with a `test` config (the upstream sqrti/SPA-VL repo or a copy of it); a cache of its
+            # own: `datasets` keys a local folder's cache by its card and file names, so a shared cache can
+            # hand back another folder's rows
+            with tempfile.TemporaryDirectory(prefix="spa-vl-test-") as cache:
+                dd = datasets.load_dataset(dataset, "test", cache_dir=cache, keep_in_memory=True)
         except Exception as second:  # noqa: BLE001 - both ways failed: say why, as bad input
             raise DataError(f"no `test` config with splits harm and help could be loaded ({first}; {second})"[:800],
                             file=dataset, field="test") from None
