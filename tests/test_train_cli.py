@@ -55,8 +55,8 @@ def test_shipped_real_model_configs_run_two_steps_on_cpu(kind, real_runs, tiny_l
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--max_steps", "abc", "field max_steps: must be an integer, got 'abc'"),
-    ("--max_steps", "-5", "field max_steps: must be a positive number of steps, or -1"),
+    ("--max_steps", "abc", "train: --max_steps takes an integer, not 'abc'"),  # the command line's own check
+    ("--max_steps", "-5", "train: --max_steps must be >= -1, not -5"),
     ("--per_device_train_batch_size", "0", "field per_device_train_batch_size: must be positive"),
     ("--learning_rate", "fast", "field learning_rate: must be a number"),
     ("--lora", "{rank: 8}", "field lora: unknown LoRA setting"),
