@@ -12,12 +12,16 @@ part is `images[i]`::
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+
+_RNG_LOCK = threading.Lock()  # torch's global RNG is one per process, shared by every model
 
 
 @dataclass
@@ -64,8 +68,11 @@ class LocalVLM:
             options |= {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         else:
             options |= {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-        with self._lock, torch.inference_mode():
-            torch.manual_seed(seed)  # under the lock, so a concurrent call cannot move the global RNG mid-sample
+        # A sampled reply seeds torch's one global RNG: hold the process-wide lock, so that no other model's
+        # call reseeds or draws from it mid-sample (greedy calls of different models may run side by side).
+        rng = _RNG_LOCK if temperature > 0 else contextlib.nullcontext()
+        with rng, self._lock, torch.inference_mode():
+            torch.manual_seed(seed)
             new = self.model.generate(**inputs, **options)[0, n_prompt:].tolist()
         text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         if not text:

@@ -202,3 +202,23 @@ def test_load_local_vlm_shares_one_instance(tiny):
     assert load_local_vlm(str(tiny / ".." / tiny.name), device="cpu") is first
     assert load_local_vlm(str(tiny), device="cpu", dtype="float32") is not first
     assert first.name == "tiny-llava"
+
+
+def test_two_models_sampling_at_once_give_what_each_gives_alone(tiny, vlm, image, tmp_path):
+    """The pipeline calls several local models from several threads at once; a sampled reply depends on its
+    seed alone, not on what another model draws from the RNG meanwhile (the demo's generated folder was not
+    byte-identical from one run to the next)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    other = LocalVLM(str(build_tiny_llava(tmp_path / "b", seed=1)), device="cpu")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+    calls = [(model, seed) for seed in range(6) for model in (vlm, other)]
+
+    def sample(call):
+        model, seed = call
+        return model.generate(chat, [image], max_new_tokens=24, min_new_tokens=24, temperature=1.0, seed=seed).text
+
+    alone = [sample(c) for c in calls]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(sample, calls))
+    assert together == alone
