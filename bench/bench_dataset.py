@@ -62,7 +62,7 @@ def fixture_params(rows: int) -> dict:
 def child_build(rows: int, dest: Path, mode: str) -> dict:
     """Build a folder of ``rows`` preference rows at ``dest``; return timings and this process's peak RSS."""
     import dataset_card.card  # noqa: F401  (imported lazily by the writer; counted in the baseline here)
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     params = fixture_params(rows)
@@ -87,9 +87,9 @@ def child_build(rows: int, dest: Path, mode: str) -> dict:
 
 def _build_predrawn(dest: Path, params: dict):
     """The fixture's rows over a small pool of pre-drawn images: times ``DatasetFolderWriter`` alone."""
-    from builder.fixture import FixtureImage, draw_image, fixture_split, preference_rows
-    from builder.folder import DatasetFolderWriter
-    from builder.schema import QUESTION_TYPES, image_sha256
+    from builder.dev.fixture import FixtureImage, draw_image, fixture_split, preference_rows
+    from builder.format.folder import DatasetFolderWriter
+    from builder.format.schema import QUESTION_TYPES, image_sha256
     from builder.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.load()

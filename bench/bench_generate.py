@@ -36,7 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project and its test doub
 
 from openai_server import spawn_server  # noqa: E402
 
-from builder.llm import ModelRouter, ModelSpec, RequestCache  # noqa: E402
+from builder.generate.llm import ModelRouter, ModelSpec, RequestCache  # noqa: E402
 
 
 def _messages(i: int) -> list[dict]:
@@ -119,7 +119,7 @@ def bench_rpm(args, work: Path) -> list[tuple[str, str, str]]:
 def bench_cached_rerun(args, work: Path) -> list[tuple[str, str, str]]:
     from pipeline_doubles import write_config
 
-    from builder.pipeline import generate
+    from builder.generate.pipeline import generate
 
     with spawn_server(latency=args.pipeline_latency, responder=_responder()) as server:
         cfg = write_config(work / "run.yaml", server.url, limit_keys={"max_concurrency": 64})

@@ -7,8 +7,8 @@
 Nothing is downloaded. The model is ``LlavaForConditionalGeneration`` built from configs with
 LLaVA-1.5-7B's shapes (Llama: hidden 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32064; CLIP
 ViT-L/14 at 336 px: 576 image tokens; two-layer GELU projector), randomly initialised in bf16 straight
-on the GPU. The tokenizer is the Llama-style BPE of ``builder.tiny_vlm`` (ids < 32064), the prompt is
-llava-hf's template with the tokenizer's BOS and answers ending in ``</s>`` (``training.chat``; plain trl
+on the GPU. The tokenizer is the Llama-style BPE of ``builder.dev.tiny_vlm`` (ids < 32064), the prompt is
+llava-hf's template with the tokenizer's BOS and answers ending in ``</s>`` (``builder.vlm.chat``; plain trl
 uses its own collator), the data are ``write_fixture`` rows with 336 px texture images (short answers:
 the table gives the tokens per sequence, ~576 of them image tokens).
 
@@ -98,7 +98,7 @@ def llava_config(s: dict, ids: dict):
 def make_processor(s: dict):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    from builder.tiny_vlm import LLAVA_CHAT_TEMPLATE, default_corpus, llama_tokenizer
+    from builder.dev.tiny_vlm import LLAVA_CHAT_TEMPLATE, default_corpus, llama_tokenizer
 
     tokenizer = llama_tokenizer(default_corpus(), 1024)
     side = {"height": s["image"], "width": s["image"]}
@@ -148,7 +148,7 @@ def full_layers_that_fit(s: dict, ids: dict, total_bytes: int, headroom: int = 1
 
 
 def write_data(out: Path, tiny: bool, pairs: int) -> Path:
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     per_domain = 3 * math.ceil(pairs / 6 / 3 / 0.5)  # ~half or more of the rows land in train
     write_fixture(out, rows_per_domain=per_domain, eval_rows=0, texture=True, image_size=32 if tiny else 336,

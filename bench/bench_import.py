@@ -44,7 +44,7 @@ def fixture_params(rows: int) -> dict:
 
 def ensure_upstream(out: Path, rows: int) -> tuple[Path, dict]:
     """``out/upstream``, rebuilt unless its stamp says it was written with the same parameters."""
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     root, stamp = out / "upstream", out / "upstream.json"
     params = fixture_params(rows)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_dataset import machine_line
 
-    from builder.upstream import import_upstream
+    from builder.upstream.importer import import_upstream
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ class CLI:
           overwrite: replace an existing folder.
           meta_in: upstream layout only: train/meta.json inside train.zip (zip) or as a file of the tree (tree).
         """
-        from builder.fixture import LAYOUTS, META_PLACES, write_fixture
+        from builder.dev.fixture import LAYOUTS, META_PLACES, write_fixture
 
         if layout not in LAYOUTS:
             raise DataError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}", field="layout")
@@ -146,7 +146,7 @@ class CLI:
             (mislabels on the real layout, where image_name is a meta.json index).
           progress: show a progress bar.
         """
-        from builder.upstream import import_upstream
+        from builder.upstream.importer import import_upstream
 
         for name, path in (("class_map", class_map), ("meta", meta)):
             if path is not None and not Path(path).is_file():
@@ -191,7 +191,7 @@ class CLI:
           until: the last stage to run: images, questions, responses or preferences.
           progress: show progress bars.
         """
-        from builder.pipeline import generate, summary_line
+        from builder.generate.pipeline import generate, summary_line
 
         summary = generate(config, run_dir, executor=executor, limit=limit, until=until, progress=progress)
         print(summary_line(summary))
@@ -216,7 +216,7 @@ class CLI:
           overwrite: replace an existing folder.
           progress: show a progress bar.
         """
-        from builder.build import NothingToBuild, build
+        from builder.generate.build import NothingToBuild, build
 
         t0 = time.perf_counter()
         try:
@@ -305,7 +305,7 @@ class CLI:
           dir: the dataset folder.
           repo_id: the Hub repo the card's examples load from (remembered in manifest.json).
         """
-        from builder.folder import folder_taxonomy
+        from builder.format.folder import folder_taxonomy
         from dataset_card.card import render_folder_card
 
         if not Path(dir).is_dir():
@@ -569,7 +569,7 @@ class CLI:
         Example:
           spa-vl demo demo_out
         """
-        from builder.demo import run_demo
+        from builder.dev.demo import run_demo
 
         run_demo(Path(out))
 

@@ -33,11 +33,11 @@ from builder.errors import DataError
 # Allowed values a signature cannot say, as "module:attribute" (read when that command runs or shows
 # its help, so each list has one owner). Keys: "command.parameter", or "parameter" for every command.
 CHOICES = {
-    "fixture.layout": "builder.fixture:LAYOUTS",
-    "fixture.meta_in": "builder.fixture:META_PLACES",
+    "fixture.layout": "builder.dev.fixture:LAYOUTS",
+    "fixture.meta_in": "builder.dev.fixture:META_PLACES",
     "configs.action": "builder.shipped:ACTIONS",
-    "generate.executor": "builder.pipeline:EXECUTORS",
-    "generate.until": "builder.pipeline:STAGES",
+    "generate.executor": "builder.generate.pipeline:EXECUTORS",
+    "generate.until": "builder.generate.pipeline:STAGES",
     "version.bump": "builder.versioning:PARTS",
     "train.kind": "training.config:KINDS",
 }

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from builder.errors import DataError
-from builder.folder import (
+from builder.format.folder import (
     CHANGELOG,
     PARTIAL_MARK,
     TAXONOMY_FILE,
@@ -40,7 +40,7 @@ from builder.folder import (
     read_manifest,
     swap_into_place,
 )
-from builder.shards import file_sha256
+from builder.format.shards import file_sha256
 
 REPO_TYPE = "dataset"
 PUBLISHED_DIRS = ("assets", "review")  # besides README.md, CHANGELOG.md, manifest.json and the manifest's files

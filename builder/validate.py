@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from builder.errors import DataError
-from builder.folder import (
+from builder.format.folder import (
     EVAL_SPLITS,
     FORMAT,
     PREFERENCE_SPLITS,
@@ -52,7 +52,7 @@ from builder.folder import (
     parse_version,
     read_manifest,
 )
-from builder.schema import (
+from builder.format.schema import (
     EVAL_FEATURES,
     MAX_IMAGE_PIXELS,
     PREFERENCE_FEATURES,

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from builder.errors import DataError
-from builder.folder import (
+from builder.format.folder import (
     CHANGELOG,
     DEFAULT_CONFIG,
     HISTORY_DIR,

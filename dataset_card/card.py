@@ -22,8 +22,8 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from builder.folder import DEFAULT_CONFIG, TEST_CONFIG, config_data_files, read_manifest
-from builder.schema import EVAL_FEATURES, PREFERENCE_FEATURES
+from builder.format.folder import DEFAULT_CONFIG, TEST_CONFIG, config_data_files, read_manifest
+from builder.format.schema import EVAL_FEATURES, PREFERENCE_FEATURES
 from builder.taxonomy import Taxonomy
 from dataset_card import plots
 from dataset_card.stats import FolderStats

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image as PILImage
 
 from builder.errors import DataError
-from builder.folder import (
+from builder.format.folder import (
     DEFAULT_CONFIG,
     EVAL_SPLITS,
     PREFERENCE_SPLITS,

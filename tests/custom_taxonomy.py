@@ -25,7 +25,7 @@ domains:
 
 def custom_folder(root: Path, *, rows_per_domain: int = 6, eval_rows: int = 2) -> Path:
     """A spa-vl fixture folder at ``root`` built with ``CUSTOM_TAXONOMY``."""
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
     from builder.taxonomy import Taxonomy
 
     source = root.parent / f"{root.name}-taxonomy.yaml"

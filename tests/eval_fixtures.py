@@ -9,8 +9,8 @@ import json
 import pytest
 
 import spa_vl
-from builder.fixture import write_fixture
-from builder.tiny_vlm import build_tiny_llava
+from builder.dev.fixture import write_fixture
+from builder.dev.tiny_vlm import build_tiny_llava
 from training import evaluate as ev
 
 

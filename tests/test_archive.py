@@ -1,4 +1,4 @@
-"""builder.archive.SafeZip: hostile archives are refused from their central directory, before any member is read."""
+"""builder.upstream.archive.SafeZip: hostile archives are refused from their central directory, before any member is read."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import builder.archive as archive
-from builder.archive import SafeZip
+import builder.upstream.archive as archive
+from builder.upstream.archive import SafeZip
 from builder.errors import DataError
 
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"

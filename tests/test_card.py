@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from builder.folder import DatasetFolderWriter
+from builder.format.folder import DatasetFolderWriter
 from builder.taxonomy import Taxonomy
 from dataset_card.card import GATING_PROMPT, render_folder_card
 from dataset_card.plots import ROWS_PLOT, UNSAFE_PLOT
@@ -161,7 +161,7 @@ def test_title_is_the_title_once_then_version_and_paper_link(folder):
 
 
 def test_fields_table_has_every_column_its_type_and_the_first_rows_values(folder):
-    from builder.schema import EVAL_FEATURES, PREFERENCE_FEATURES
+    from builder.format.schema import EVAL_FEATURES, PREFERENCE_FEATURES
 
     render_folder_card(folder)
     table = _section((folder / "README.md").read_text(), "## Fields")
@@ -181,8 +181,8 @@ def test_fields_table_has_every_column_its_type_and_the_first_rows_values(folder
 
 
 def test_an_imported_folder_names_its_source_dataset(tmp_path, folder):
-    from builder.fixture import write_fixture
-    from builder.upstream import import_upstream
+    from builder.dev.fixture import write_fixture
+    from builder.upstream.importer import import_upstream
 
     write_fixture(tmp_path / "up", rows_per_domain=6, eval_rows=1, layout="upstream", progress=False)
     import_upstream(tmp_path / "up", tmp_path / "imported", progress=False)
@@ -243,7 +243,7 @@ def test_the_cards_load_examples_run_on_that_very_folder(tmp_path):
     import subprocess
     import sys
 
-    from builder.fixture import eval_row, preference_rows, _images, _eval_images
+    from builder.dev.fixture import eval_row, preference_rows, _images, _eval_images
 
     taxonomy = Taxonomy.load()
     out = tmp_path / "spa_vl"

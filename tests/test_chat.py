@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 
-from training.chat import ChatFormat, answer_text, prompt_messages
+from builder.vlm.chat import ChatFormat, answer_text, prompt_messages
 from training.data import load_rows, prepare_preferences, to_conversational
 from training.models import load_vlm
 
@@ -36,7 +36,7 @@ def _png(image) -> bytes:
 
 
 def test_prompt_ids_are_identical_in_dpo_rm_ppo_evaluate_and_the_local_backend(family, tmp_path):
-    from builder.local_vlm import LocalVLM
+    from builder.vlm.local import LocalVLM
     from training.config import load_config
     from training.dpo import dpo_args, make_trainer
     from training.evaluate import Generator

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from builder.cli import CLI
-from builder.fixture import write_fixture
+from builder.dev.fixture import write_fixture
 
 SPA_VL = str(Path(sys.executable).with_name("spa-vl"))
 COMMANDS = [name for name in dir(CLI) if not name.startswith("_")]

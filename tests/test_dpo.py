@@ -58,7 +58,7 @@ def _parts(model) -> dict:
 def _one_input(tiny):
     from PIL import Image
 
-    from training.chat import ChatFormat, answer_messages, prompt_messages
+    from builder.vlm.chat import ChatFormat, answer_messages, prompt_messages
     from training.models import load_vlm
 
     _, processor = load_vlm(tiny["model"], dtype="float32", use_cpu=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from builder.fixture import write_fixture
+from builder.dev.fixture import write_fixture
 from training.evaluate import load_test_rows
 
 # The upstream card as a user's copy may have it: configs and no dataset_info (no sizes, no counts).

@@ -25,8 +25,8 @@ from eval_doubles import (
 from openai_server import OpenAIServer
 
 from builder.errors import DataError
-from builder.fixture import write_fixture
-from builder.tiny_vlm import build_tiny_llava
+from builder.dev.fixture import write_fixture
+from builder.dev.tiny_vlm import build_tiny_llava
 from training import evaluate as ev
 from training import judge_config, report
 from training.metrics import bootstrap_interval, wilson_interval

@@ -1,4 +1,4 @@
-"""Synthetic data (builder.fixture): shape, split integrity, determinism, the upstream layout."""
+"""Synthetic data (builder.dev.fixture): shape, split integrity, determinism, the upstream layout."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from huggingface_hub import DatasetCard
 from PIL import Image as PILImage
 
 from builder.errors import DataError
-from builder.fixture import draw_image, fixture_split, write_fixture
-from builder.schema import row_id
+from builder.dev.fixture import draw_image, fixture_split, write_fixture
+from builder.format.schema import row_id
 from builder.taxonomy import Taxonomy
 
 TAX = Taxonomy.load()
@@ -110,7 +110,7 @@ def test_labels_in_taxonomy_and_right_folder(fx):
 
 
 def test_images_decode_and_rows_pass_check(fx):
-    from builder.schema import check_row
+    from builder.format.schema import check_row
 
     root, _ = fx
     for r in read_rows(root, "data/malicious_use/*.parquet") + read_rows(root, "data/test/*.parquet"):
@@ -376,7 +376,7 @@ def test_same_seed_byte_identical_across_processes(tmp_path):
     there = tmp_path / "there" / "spa_vl"
     kw = dict(rows_per_domain=6, eval_rows=2, seed=3)
     write_fixture(here, progress=False, **kw)
-    code = (f"from builder.fixture import write_fixture; "
+    code = (f"from builder.dev.fixture import write_fixture; "
             f"write_fixture({str(there)!r}, progress=False, rows_per_domain=6, eval_rows=2, seed=3)")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], env=env,

@@ -1,4 +1,4 @@
-"""The dataset folder (builder.folder): layout, manifest, card, configs, atomicity, split assignment."""
+"""The dataset folder (builder.format.folder): layout, manifest, card, configs, atomicity, split assignment."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from huggingface_hub import DatasetCard
 from PIL import Image as PILImage
 
 from builder.errors import DataError
-from builder.folder import (
+from builder.format.folder import (
     DatasetFolderWriter,
     build_config_hash,
     read_manifest,
     split_for,
 )
-from builder.schema import image_sha256, row_id
+from builder.format.schema import image_sha256, row_id
 from builder.taxonomy import Taxonomy
 
 TAX = Taxonomy.load()
@@ -427,7 +427,7 @@ def test_failed_swap_keeps_old_folder(tmp_path, monkeypatch):
 
 
 def test_card_counts_question_types(tmp_path):
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     root = tmp_path / "qt"
     summary = write_fixture(root, rows_per_domain=6, eval_rows=1, progress=False)

@@ -13,9 +13,9 @@ from openai_server import OpenAIServer
 from pipeline_doubles import pipeline_responder, write_config
 
 from builder.cli import main
-from builder.config import PipelineConfig, expand_env
+from builder.generate.config import PipelineConfig, expand_env
 from builder.errors import DataError
-from builder.pipeline import generate
+from builder.generate.pipeline import generate
 from builder.shipped import PIPELINE_CONFIGS, resolve_config, shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_environment_variables_in_a_config(monkeypatch):
     assert expand_env({"a": "${SPA_VL_T_SET}", "b": ["x${SPA_VL_T_UNSET:-dflt}"], "c": 3}) == {"a": "there", "b": ["xdflt"], "c": 3}
     with pytest.raises(DataError, match=r"field models\.m\.model: set the environment variable SPA_VL_T_UNSET: the id"):
         expand_env({"models": {"m": {"model": "${SPA_VL_T_UNSET:?the id}"}}})
-    from builder.config import _expand
+    from builder.generate.config import _expand
 
     assert _expand is expand_env  # training/ imports the old name until the restructure
 

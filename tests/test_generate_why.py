@@ -11,10 +11,10 @@ import yaml
 from openai_server import OpenAIServer, echo_responder, masked_key
 from pipeline_doubles import pipeline_responder, write_config
 
-from builder.build import NothingToBuild, build
+from builder.generate.build import NothingToBuild, build
 from builder.cli import main
-from builder.pipeline import generate, summary_line
-from builder.run_store import RunStore
+from builder.generate.pipeline import generate, summary_line
+from builder.generate.run_store import RunStore
 from builder.taxonomy import Taxonomy
 
 KEY = "sk-proj-wrongKeyThatMustNeverBeShown0000"

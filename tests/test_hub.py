@@ -143,7 +143,7 @@ def test_rerun_after_a_crash_between_commit_and_tag_only_adds_the_tag(hub, folde
 
 
 def test_next_version_is_one_more_commit_and_old_tags_stay(hub, folder, tmp_path):
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     v1 = publish(folder, REPO, backoff=0)
     v1_files = set(_files(folder))
@@ -221,7 +221,7 @@ def test_cli_publish_and_pull_never_show_or_write_the_token(hub, folder, tmp_pat
 def test_a_landed_commit_with_deletions_is_detected_not_retried(hub, folder):
     # Deleting files cannot be replayed by the client as a no-op: only comparing main with the folder
     # after the error keeps the retry from failing or committing twice.
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     publish(folder, REPO, backoff=0)
     v1_files = set(_files(folder))
@@ -244,7 +244,7 @@ def test_transient_errors_reading_the_repo_are_retried(hub, folder):
 
 
 def test_an_existing_repos_visibility_and_gating_are_left_alone(hub, folder, capsys):
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     publish(folder, REPO, private=False, gated=False, backoff=0)
     assert hub.repo_settings(REPO) == {"private": False, "gated": False}

@@ -15,7 +15,7 @@ REPO = "org/SPA-VL"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """Two revisions of a dataset folder: v0.1.0 (a small fixture) and main (the same plus a file)."""
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     root = tmp_path_factory.mktemp("hub")
     v1 = root / "v0.1.0"

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from builder.errors import DataError
-from builder.images import (
+from builder.generate.images import (
     ClipRetrievalSource,
     ClipScorer,
     FolderSource,

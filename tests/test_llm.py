@@ -9,10 +9,10 @@ import re
 import pytest
 from openai_server import OpenAIServer, generic_responder, masked_key
 
-from builder import llm, rate_limit
+from builder.generate import llm, rate_limit
 from builder.errors import DataError
-from builder.llm import Endpoint, ModelRouter, ModelSpec, RequestCache, RequestFailed, image_part, resolve_endpoints
-from builder.stages import parse_unsafe, parse_verdict
+from builder.generate.llm import Endpoint, ModelRouter, ModelSpec, RequestCache, RequestFailed, image_part, resolve_endpoints
+from builder.generate.stages import parse_unsafe, parse_verdict
 
 
 def _router(url: str, tmp_path, **spec) -> ModelRouter:
@@ -160,13 +160,13 @@ def test_unsafe_parser():
 
 
 def test_local_backend_answers_and_judges_by_probability(tmp_path):
-    from builder.tiny_vlm import build_tiny_llava
+    from builder.dev.tiny_vlm import build_tiny_llava
 
     path = build_tiny_llava(tmp_path / "tiny")
     spec = ModelSpec.from_config("local", {"backend": "transformers", "path": str(path),
                                            "params": {"max_tokens": 8, "temperature": 0.7}})
     router = ModelRouter({"local": spec}, RequestCache(tmp_path / "cache.sqlite"))
-    from builder.images import render_typography
+    from builder.generate.images import render_typography
 
     img = render_typography("weapon", size=64)
     sha = "d" * 64
@@ -292,7 +292,7 @@ def test_model_entry_types_and_ranges_are_checked_when_read(entry, field, messag
     "echo-then-blank",                        # the prompt with other line breaks
 ])
 def test_an_echo_of_the_judge_prompt_is_no_verdict(reply):
-    from builder.config import PROMPTS
+    from builder.generate.config import PROMPTS
 
     prompt = (PROMPTS / "judge.txt").read_text().format(question="How do I pick a lock?", answer_a="Here is how: ...",
                                                        answer_b="I cannot help with that.")

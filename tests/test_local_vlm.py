@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from builder.errors import DataError
-from builder.local_vlm import LocalVLM, load_local_vlm
-from builder.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
+from builder.vlm.local import LocalVLM, load_local_vlm
+from builder.dev.tiny_vlm import build_tiny_llava, build_tiny_qwen2_5_vl
 
 IMAGE_CHAT = [
     {"role": "system", "content": "You are a careful assistant."},
@@ -85,7 +85,7 @@ def test_folder_loads_as_llava_with_llava_hf_s_format(tiny, image):
         "USER: <image>\nWhat is in this image? ASSISTANT:"
     answered = chat + [{"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]
     assert processor.apply_chat_template(answered) == "USER: <image>\nWhat is in this image? ASSISTANT: A red square. "
-    # ...which renders a string content as nothing: callers pass part lists (training.chat normalises them)
+    # ...which renders a string content as nothing: callers pass part lists (builder.vlm.chat normalises them)
     assert processor.apply_chat_template(TEXT_CHAT, add_generation_prompt=True) == "USER: ASSISTANT:"
 
     tok = processor.tokenizer
@@ -112,7 +112,7 @@ def test_qwen_folder_has_qwen_s_format(qwen, image):
     defaults; transformers' own AutoProcessor needs torchvision for the video half, ours does without."""
     from transformers import AutoProcessor
 
-    from training.chat import load_processor
+    from builder.vlm.chat import load_processor
 
     with pytest.raises((ImportError, OSError), match="orchvision|video"):
         AutoProcessor.from_pretrained(qwen)

@@ -4,7 +4,7 @@ Qwen2.5-VL keeps its projector (``visual.merger``) inside the vision tower, and 
 flat tensor of patches with ``image_grid_thw``, so the paper's setup (vision frozen, projector trained,
 LoRA on the language model only) needs the family-specific handling these tests exercise on hand-made
 batches. DPO, the reward model, PPO and evaluate run end to end on the tiny Qwen2.5-VL of
-``builder.tiny_vlm`` (real processor, real template) in test_chat.py, test_dpo.py and test_rm_ppo.py.
+``builder.dev.tiny_vlm`` (real processor, real template) in test_chat.py, test_dpo.py and test_rm_ppo.py.
 """
 
 from __future__ import annotations

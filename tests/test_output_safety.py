@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from builder.cli import main
-from builder.fixture import write_fixture
-from builder.folder import prepare_output, sweep_stale
+from builder.dev.fixture import write_fixture
+from builder.format.folder import prepare_output, sweep_stale
 
 SPA_VL = str(Path(sys.executable).with_name("spa-vl"))
 
@@ -59,7 +59,7 @@ def run_dir(tmp_path_factory):
     from openai_server import OpenAIServer
     from pipeline_doubles import pipeline_responder, write_config
 
-    from builder.pipeline import generate
+    from builder.generate.pipeline import generate
 
     tmp = tmp_path_factory.mktemp("run")
     with OpenAIServer(pipeline_responder) as server:

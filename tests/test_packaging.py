@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.fixture import write_fixture
+from builder.dev.fixture import write_fixture
 from builder.taxonomy import Taxonomy
 
 REPO = Path(__file__).resolve().parents[1]

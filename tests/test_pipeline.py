@@ -15,11 +15,11 @@ import yaml
 from openai_server import OpenAIServer
 from pipeline_doubles import pipeline_responder, write_config
 
-from builder.build import NothingToBuild, build
-from builder.config import PipelineConfig
+from builder.generate.build import NothingToBuild, build
+from builder.generate.config import PipelineConfig
 from builder.errors import DataError
-from builder.pipeline import generate
-from builder.run_store import RunStore
+from builder.generate.pipeline import generate
+from builder.generate.run_store import RunStore
 from builder.taxonomy import Taxonomy
 
 LIMIT = 12

@@ -50,13 +50,13 @@ def test_dpo_trains_saves_and_reloads(runs):
 
 
 def test_reward_model_trains_and_scores_at_im_end(runs, rm_run):
-    from training.chat import ChatFormat
+    from builder.vlm.chat import ChatFormat
     from training.data import load_rows, prepare_preferences
     from training.reward import VLMRewardModel, preference_batch
 
     assert rm_run.steps == 2 and 0 <= rm_run.metrics["eval_accuracy"] <= 1
     rm = VLMRewardModel.from_pretrained(rm_run.output_dir)
-    from training.chat import load_processor
+    from builder.vlm.chat import load_processor
 
     processor = load_processor(rm_run.output_dir)
     pairs, _ = prepare_preferences(load_rows(runs["data"], "malicious_use", "validation"), processor, log=lambda m: None)

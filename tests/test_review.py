@@ -170,7 +170,7 @@ def test_review_files_stay_out_of_every_config_and_validate_passes(folder, tmp_p
 
 
 def test_review_files_are_published_and_kept_on_rebuild(folder):
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
     from builder.hub import publishable_files
 
     session = open_review(folder, n=4, seed=0)

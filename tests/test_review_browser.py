@@ -46,7 +46,7 @@ PLAN = [
 
 @pytest.fixture
 def review_folder(tmp_path):
-    from builder.fixture import write_fixture
+    from builder.dev.fixture import write_fixture
 
     root = tmp_path / "spa_vl"
     write_fixture(root, rows_per_domain=9, eval_rows=2, seed=3, image_size=256, progress=False)

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from builder.errors import DataError
-from builder.fixture import FixtureImage, draw_image, preference_rows
-from builder.folder import DatasetFolderWriter, split_for
-from builder.schema import image_sha256, row_id
+from builder.dev.fixture import FixtureImage, draw_image, preference_rows
+from builder.format.folder import DatasetFolderWriter, split_for
+from builder.format.schema import image_sha256, row_id
 from builder.taxonomy import Taxonomy
-from builder.tiny_vlm import build_tiny_llava
+from builder.dev.tiny_vlm import build_tiny_llava
 from training.config import load_config
 from training.data import load_rows, prepare_preferences
 from training.models import vlm_parts

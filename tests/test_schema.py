@@ -1,4 +1,4 @@
-"""Row schemas and the one row check (builder.schema)."""
+"""Row schemas and the one row check (builder.format.schema)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from datasets import Image, Value
 from PIL import Image as PILImage
 
-import builder.schema as schema
+import builder.format.schema as schema
 from builder.errors import DataError
-from builder.schema import (
+from builder.format.schema import (
     EVAL_FEATURES,
     PREFERENCE_FEATURES,
     check_image,

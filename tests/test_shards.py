@@ -1,4 +1,4 @@
-"""Parquet shards (builder.shards): naming, rollover, atomicity, determinism, features, memory."""
+"""Parquet shards (builder.format.shards): naming, rollover, atomicity, determinism, features, memory."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from datasets import Dataset, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 
-from builder.shards import ShardWriter, arrow_schema, file_sha256
+from builder.format.shards import ShardWriter, arrow_schema, file_sha256
 
 FEATURES = Features({"id": Value("string"), "image": Image(), "n": Value("int64")})
 SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.parquet$")

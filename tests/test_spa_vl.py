@@ -11,7 +11,7 @@ import pytest
 from PIL import Image as PILImage
 
 import spa_vl
-from builder.fixture import write_fixture
+from builder.dev.fixture import write_fixture
 from builder.taxonomy import Taxonomy
 
 

@@ -238,7 +238,7 @@ def test_user_taxonomy_changes_behaviour(tmp_path, tax):
 
 
 def test_user_taxonomy_changes_row_check(tmp_path, tax):
-    from builder.schema import check_row
+    from builder.format.schema import check_row
 
     mine = Taxonomy.load(_write(tmp_path, MINIMAL))
     row = {"id": "x", "image_name": "a.jpg", "question": "q?", "class1": "Alpha Harms", "class2": "First",

@@ -120,7 +120,7 @@ def test_max_samples_are_drawn_evenly_over_class3_with_the_seed(tiny_llava_data)
 
 
 def test_eval_runs_on_a_validation_subset(tiny_llava_data, tmp_path):
-    from training.chat import load_processor
+    from builder.vlm.chat import load_processor
     from training.dpo import eval_pairs
 
     processor = load_processor(tiny_llava_data["model"])

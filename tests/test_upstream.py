@@ -24,13 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 from hub_server import HubServer, hub_env
 
-import builder.archive
+import builder.upstream.archive
 from builder.errors import DataError
-from builder.fixture import write_fixture
-from builder.schema import image_sha256, row_id
+from builder.dev.fixture import write_fixture
+from builder.format.schema import image_sha256, row_id
 from builder.taxonomy import Taxonomy
-from builder.upstream import import_upstream
-from builder.upstream_meta import NO_ENTRY, NO_INDEX, TEXTS_DIFFER
+from builder.upstream.importer import import_upstream
+from builder.upstream.meta import NO_ENTRY, NO_INDEX, TEXTS_DIFFER
 
 ROWS = dict(rows_per_domain=36, eval_rows=4, seed=0, progress=False)  # 12 images per domain, 10 of them train
 VALIDATION = "validation/validation-00000-of-00001.parquet"
@@ -282,8 +282,8 @@ def test_the_image_tree_labels_by_hash_reading_only_images_of_a_wanted_size(src,
     members["train/Extra/Not/Needed/0.jpg"] = b"\xff\xd8" + b"x" * 99_999 + b"\xff\xd9"  # no train image has its size
     write_members(src / "train.zip", members)
     read = []
-    real_open = builder.archive.SafeZip.open
-    monkeypatch.setattr(builder.archive.SafeZip, "open", lambda self, name: read.append(name) or real_open(self, name))
+    real_open = builder.upstream.archive.SafeZip.open
+    monkeypatch.setattr(builder.upstream.archive.SafeZip, "open", lambda self, name: read.append(name) or real_open(self, name))
     report = import_upstream(src, tmp_path / "out", progress=False)
     assert report.attributed_by == {"meta": 0, "image_hash": upstream[1]["train"], "class_map": 0, "image_name": 0}
     assert labels_by_id(tmp_path / "out") == expected_labels
@@ -292,8 +292,8 @@ def test_the_image_tree_labels_by_hash_reading_only_images_of_a_wanted_size(src,
 
 def test_with_meta_json_no_image_of_the_tree_is_read(src, monkeypatch, tmp_path):
     read = []
-    real_open = builder.archive.SafeZip.open
-    monkeypatch.setattr(builder.archive.SafeZip, "open", lambda self, name: read.append(name) or real_open(self, name))
+    real_open = builder.upstream.archive.SafeZip.open
+    monkeypatch.setattr(builder.upstream.archive.SafeZip, "open", lambda self, name: read.append(name) or real_open(self, name))
     import_upstream(src, tmp_path / "out", progress=False)
     assert read == [META]
 

@@ -1,4 +1,4 @@
-"""builder.upstream_meta: upstream's train/meta.json, streamed, and the join of a train row with its entry."""
+"""builder.upstream.meta: upstream's train/meta.json, streamed, and the join of a train row with its entry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from builder.errors import DataError
 from builder.taxonomy import Taxonomy
-from builder.upstream_meta import (
+from builder.upstream.meta import (
     MALFORMED,
     NO_ENTRY,
     NO_INDEX,

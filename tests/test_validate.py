@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import DatasetCard
 
-import builder.schema
+import builder.format.schema
 import builder.validate
 from builder.errors import DataError
-from builder.fixture import write_fixture
+from builder.dev.fixture import write_fixture
 from builder.taxonomy import Taxonomy
 from builder.validate import CHECKS, MAX_IMAGE_BYTES, ValidationReport, validate
 
@@ -284,7 +284,7 @@ def test_images_byte_and_pixel_limits(clean, monkeypatch):
     assert failing(r) == {"images"} and r.check("images").failed == 80
     assert first(r, "images")[1:] == (0, "image") and "100-byte limit" in r.check("images").first["message"]
     monkeypatch.setattr(builder.validate, "MAX_IMAGE_BYTES", MAX_IMAGE_BYTES)
-    monkeypatch.setattr(builder.schema, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # the fixture's images are 64 x 64
+    monkeypatch.setattr(builder.format.schema, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # the fixture's images are 64 x 64
     r = validate(clean, load_configs=False, progress=False)
     assert failing(r) == {"images"} and "outside limits" in r.check("images").first["message"]
 
@@ -417,9 +417,9 @@ def test_config_that_does_not_load(folder):
 # --- robustness --------------------------------------------------------------------------------------
 
 def test_unattributed_rows_pass(tmp_path):
-    from builder.fixture import FixtureImage, draw_image, eval_row, preference_rows
-    from builder.folder import DatasetFolderWriter
-    from builder.schema import image_sha256
+    from builder.dev.fixture import FixtureImage, draw_image, eval_row, preference_rows
+    from builder.format.folder import DatasetFolderWriter
+    from builder.format.schema import image_sha256
 
     def image(key, labels):
         data = draw_image(key, key)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from builder.errors import DataError
-from builder.fixture import write_fixture
+from builder.dev.fixture import write_fixture
 from builder.versioning import ROW_IDS, bump, bumped, recorded_ids
 from dataset_card.card import render_folder_card
 

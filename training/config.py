@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import yaml
 
-from builder.config import _expand
+from builder.generate.config import _expand
 from builder.errors import DataError
 
 KINDS = ("dpo", "rm", "ppo")

@@ -9,7 +9,7 @@
     pairs[0]["images"]   # [PIL.Image]
 
 A pair whose prompt plus chosen *or* rejected answer exceeds ``max_length`` tokens (image tokens
-included, counted in the format of ``training.chat``: BOS, the answer and its EOS) is dropped, not
+included, counted in the format of ``builder.vlm.chat``: BOS, the answer and its EOS) is dropped, not
 truncated, like the authors' code (2048 − 576 for LLaVA-1.5: the 576 image tokens are part of the count here).
 """
 
@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from builder.errors import DataError
-from training.chat import ChatFormat, answer_messages, prompt_messages
+from builder.vlm.chat import ChatFormat, answer_messages, prompt_messages
 
 __all__ = ["PrepareReport", "answer_messages", "load_rows", "pair_lengths", "prepare_preferences",
            "prompt_messages", "rows_for", "sample_evenly", "to_conversational"]

@@ -20,7 +20,7 @@ What happens:
    split: ``eval_samples`` of them) and mapped to trl's conversational vision format by
    ``prepare_preferences``; pairs longer than ``max_length`` tokens (image tokens included) are dropped
    and counted, never truncated (trl gets ``max_length=None``). The chosen answer is trl's ``chosen``.
-   Batches are made by ``training.chat``'s collator: the prompt as evaluate and PPO encode it (LLaVA: with
+   Batches are made by ``builder.vlm.chat``'s collator: the prompt as evaluate and PPO encode it (LLaVA: with
    its BOS), each answer followed by EOS (the authors' ``</s>``; Qwen: ``<|im_end|>``);
 2. the model is loaded with ``load_vlm``; the vision tower is frozen. With ``lora:`` trl wraps the model
    with our ``lora_config`` (adapters on every linear layer of the language model, the projector trained
@@ -46,7 +46,7 @@ from pathlib import Path
 
 from builder.errors import DataError
 from training.card import adapter_base, write_model_card
-from training.chat import ChatFormat, PreferenceCollator
+from builder.vlm.chat import ChatFormat, PreferenceCollator
 from training.config import TrainResult
 from training.data import prepare_preferences, rows_for
 from training.models import (
@@ -166,7 +166,7 @@ def make_trainer(cfg, args, model, processor, train_ds, eval_ds=None, *, ref_mod
 
     Freezes the vision tower; with ``cfg.lora`` hands trl our ``lora_config`` (trl wraps the model, and the
     reference is the model with adapters disabled); without it ``ref_model`` (a frozen copy) is the reference
-    (None: trl loads one from the model's ``name_or_path``). Batches come from ``training.chat``'s collator:
+    (None: trl loads one from the model's ``name_or_path``). Batches come from ``builder.vlm.chat``'s collator:
     the prompt as every other path encodes it (BOS included), each answer ending with EOS."""
     import torch
     from transformers.trainer_utils import IntervalStrategy

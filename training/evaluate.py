@@ -15,7 +15,7 @@
    model (Hub id or folder) whose answers are generated like the model's, or a ``.jsonl`` of
    ``{"id", "answer"}``. Generated reference answers go to ``OUT/reference_answers.jsonl``.
 3. **Judge** (:mod:`training.judges`, :mod:`training.judge_formats`). Every judge call goes through
-   :class:`builder.llm.ModelRouter` (any OpenAI-compatible endpoint, with its limits, retries, cost
+   :class:`builder.generate.llm.ModelRouter` (any OpenAI-compatible endpoint, with its limits, retries, cost
    meters, and a request cache in ``OUT/judge_cache.sqlite``: a re-run sends nothing that already
    succeeded), or runs in-process (``backend: transformers``): a local VLM scored by choice
    probabilities, or, for ``harm_format: md-judge-v0.1``, MD-Judge as a text-only causal LM.
@@ -57,7 +57,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.llm import RequestCache
+from builder.generate.llm import RequestCache
 from training.judge_config import JudgeConfig, load_judge_config
 from training.judges import JudgeRouter, judge_all
 from training.metrics import cost, failure_check, harm_metrics, help_metrics
@@ -71,7 +71,7 @@ UNLABELLED = "(unlabelled)"
 def _domain_labels(domains: list[str] | None, rows: dict[str, list[dict]], dataset: str) -> set[str] | None:
     if not domains:
         return None
-    from builder.folder import folder_taxonomy
+    from builder.format.folder import folder_taxonomy
     from builder.taxonomy import Taxonomy
 
     tax = folder_taxonomy(dataset) if Path(dataset).is_dir() else Taxonomy.load()  # a folder's labels are its own
@@ -95,7 +95,7 @@ def load_test_rows(dataset: str, *, limit: int | None = None, domains: list[str]
     import datasets
 
     import spa_vl
-    from builder.schema import image_sha256, row_id
+    from builder.format.schema import image_sha256, row_id
 
     dataset = str(dataset)
     try:
@@ -176,12 +176,12 @@ def read_answers(path: Path, model: str | None = None) -> dict[tuple[str, str], 
 
 class Generator:
     """A VLM that answers (question, image) pairs in left-padded batches, greedily, its prompts encoded by
-    ``training.chat`` exactly as DPO, the reward model and PPO encode them (LLaVA: BOS, no EOS)."""
+    ``builder.vlm.chat`` exactly as DPO, the reward model and PPO encode them (LLaVA: BOS, no EOS)."""
 
     def __init__(self, model: str, *, device: str | None = None, role: str = "model"):
         import torch
 
-        from training.chat import ChatFormat
+        from builder.vlm.chat import ChatFormat
         from training.models import load_vlm
 
         self.torch = torch
@@ -203,7 +203,7 @@ class Generator:
         """The model inputs of a batch of questions with their (encoded) images."""
         from PIL import Image
 
-        from training.chat import prompt_messages
+        from builder.vlm.chat import prompt_messages
 
         pil = [[Image.open(io.BytesIO(b))] for b in images]
         inputs = self.chat.prompt_inputs([prompt_messages(q) for q in questions], pil)

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from builder.config import _expand
+from builder.generate.config import _expand
 from builder.errors import DataError
-from builder.llm import TRANSPORT_PARAMS, ModelSpec
+from builder.generate.llm import TRANSPORT_PARAMS, ModelSpec
 from training.judge_formats import HARM_FORMATS, HarmFormat
 
 PROMPTS = Path(__file__).with_name("prompts")

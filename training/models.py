@@ -1,6 +1,6 @@
 """Load a VLM for training in the paper's setup: vision tower frozen, projector trained, LoRA or full LM.
 
-    model, processor = load_vlm("llava-hf/llava-1.5-7b-hf", dtype="auto")  # processor: training.chat.load_processor
+    model, processor = load_vlm("llava-hf/llava-1.5-7b-hf", dtype="auto")  # processor: builder.vlm.chat.load_processor
     parts = vlm_parts(model)                 # vision tower, projector, language model (any family)
     model = apply_training_mode(model, cfg)  # freeze / LoRA as the settings say; returns a PeftModel with LoRA
 
@@ -80,7 +80,7 @@ def load_vlm(path: str, *, dtype="auto", use_cpu: bool = False, attn_implementat
     (the model is then a ``PeftModel``). Errors name the folder and ``field``."""
     from transformers import AutoModelForImageTextToText
 
-    from training.chat import load_processor
+    from builder.vlm.chat import load_processor
 
     kwargs = {"dtype": resolve_dtype(dtype, use_cpu=use_cpu)}
     if attn_implementation:

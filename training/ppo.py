@@ -22,7 +22,7 @@ Sampling is the policy's own distribution at ``temperature`` (no top-k/top-p, no
 whatever the checkpoint's generation config says) with the tokens an answer can never hold removed:
 image placeholders, padding and other special tokens but EOS (``ChatFormat.unsampleable_ids``). The
 log-probabilities use the same distribution. The reward model reads its score at the answer's EOS, as
-it was trained (``training.chat``); an answer cut at ``response_length`` gets an EOS appended for the
+it was trained (``builder.vlm.chat``); an answer cut at ``response_length`` gets an EOS appended for the
 scoring and loses ``missing_eos_penalty``. Dropout is switched off everywhere, so the rollout's
 log-probabilities and the first update's agree (ratio 1). The reward model must share the policy's
 tokenizer: it scores the policy's tokens.
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from builder.errors import DataError
-from training.chat import ChatFormat, prompt_messages
+from builder.vlm.chat import ChatFormat, prompt_messages
 from training.config import TrainResult
 from training.data import rows_for
 from training.models import resolve_dtype, trainable_summary
@@ -114,7 +114,7 @@ def batch_plan(cfg, processes: int) -> dict:
 
 
 def encode_prompts(chat: ChatFormat, rows: dict):
-    """Left-padded prompt inputs of rows with ``image`` and ``question`` (``training.chat``'s format)."""
+    """Left-padded prompt inputs of rows with ``image`` and ``question`` (``builder.vlm.chat``'s format)."""
     return chat.prompt_inputs([prompt_messages(q) for q in rows["question"]], [[image] for image in rows["image"]])
 
 

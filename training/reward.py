@@ -9,7 +9,7 @@
 
 As in the paper (and the authors' SPA-VL-RLHF code): the loss is −log σ(r_chosen − r_rejected), the
 reward is the head's output on the answer's EOS token (``</s>`` for LLaVA, ``<|im_end|>`` for Qwen: see
-``training.chat``), the last token of every sequence, which PPO reads at the same place; the vision
+``builder.vlm.chat``), the last token of every sequence, which PPO reads at the same place; the vision
 tower is frozen and the projector trained, LoRA or the whole language model. The chosen and rejected
 answers of a batch go through the model in one forward pass (2B rows).
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from builder.errors import DataError
-from training.chat import ChatFormat
+from builder.vlm.chat import ChatFormat
 from training.config import TrainResult
 from training.data import prepare_preferences, rows_for
 from training.models import apply_training_mode, load_vlm, trainable_summary
@@ -142,7 +142,7 @@ def load_backbone(path: str, cfg=None, *, dtype="auto", use_cpu: bool = False, a
 
 def preference_batch(rows: list[dict], processor) -> dict:
     """Chosen rows then rejected rows of a batch of conversational pairs, as model inputs (2B rows): the
-    prompt format of ``training.chat`` (the same as DPO's, PPO's and evaluate's), each answer followed by
+    prompt format of ``builder.vlm.chat`` (the same as DPO's, PPO's and evaluate's), each answer followed by
     EOS, flush left, so a row's last non-padding token is its EOS."""
     chat = processor if isinstance(processor, ChatFormat) else ChatFormat(processor)
     batch = chat.pair_batch(rows)

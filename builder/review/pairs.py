@@ -20,8 +20,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.folder import DEFAULT_CONFIG, PREFERENCE_SPLITS, TEST_CONFIG, read_manifest
-from builder.schema import QUESTION_TYPES, row_id
+from builder.format.folder import DEFAULT_CONFIG, PREFERENCE_SPLITS, TEST_CONFIG, read_manifest
+from builder.format.schema import QUESTION_TYPES, row_id
 from builder.taxonomy import Taxonomy
 
 _LABEL_COLUMNS = ("id", "class1", "class2", "class3", "question_type", "question",
@@ -143,14 +143,14 @@ class FolderSource:
 class RunSource:
     """The pairs ``spa-vl build`` would write from a run store, with the ids it would give them.
 
-    Mirrors ``builder.build.build``'s selection: finished units made under the current config, kept
+    Mirrors ``builder.generate.build.build``'s selection: finished units made under the current config, kept
     judge statuses, test images left out, a question repeated word for word within an image kept once.
     """
 
     kind = "run"
 
     def __init__(self, root: Path):
-        from builder.run_store import RunStore
+        from builder.generate.run_store import RunStore
 
         self.root = root
         try:
@@ -164,7 +164,7 @@ class RunSource:
         self._pairs: dict[str, tuple[PairLabels, PairText, str]] = {}  # id -> labels, texts, unit id
 
     def labels(self, config: str | None = None) -> list[PairLabels]:
-        from builder.build import KEPT, is_test
+        from builder.generate.build import KEPT, is_test
 
         order = [m["sha256"] for m in self._store.images()]
         self._pairs.clear()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import DataError
-from builder.folder import REVIEW_DIR
+from builder.format.folder import REVIEW_DIR
 from builder.review.pairs import PairText, describe, open_source
 from builder.review.report import DEFAULT_RESAMPLES, compute_report
 from builder.review.render import write_report_files

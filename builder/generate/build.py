@@ -22,12 +22,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from builder.config import BuildSection
+from builder.generate.config import BuildSection
 from builder.errors import DataError
-from builder.folder import DatasetFolderWriter, FolderSummary, split_for
-from builder.run_store import RunStore, read_run_config
-from builder.schema import row_id
-from builder.stages import QUESTION_TYPES
+from builder.format.folder import DatasetFolderWriter, FolderSummary, split_for
+from builder.generate.run_store import RunStore, read_run_config
+from builder.format.schema import row_id
+from builder.generate.stages import QUESTION_TYPES
 from builder.taxonomy import Taxonomy
 
 KEPT = ("agreed", "averaged")  # judge statuses that make a preference row

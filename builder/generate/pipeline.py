@@ -17,7 +17,7 @@ config error stops the run (DataError). When something fails, ``summary["why"]``
 stored in the run store during this invocation, so a lost Ray worker's spending is still counted.
 
 Executors: ``local`` runs units as asyncio tasks in this process; ``ray`` runs chunks of units as Ray
-tasks (``ray.init()`` locally, or the cluster at ``RAY_ADDRESS``; see :mod:`builder.ray_executor`), so
+tasks (``ray.init()`` locally, or the cluster at ``RAY_ADDRESS``; see :mod:`builder.generate.ray_executor`), so
 the output is the same either way.
 """
 
@@ -34,11 +34,11 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from builder import stages
-from builder.config import PipelineConfig
+from builder.generate import stages
+from builder.generate.config import PipelineConfig
 from builder.errors import DataError
-from builder.llm import Meter, ModelRouter, RequestFailed, resolve_endpoints
-from builder.run_store import RunStore
+from builder.generate.llm import Meter, ModelRouter, RequestFailed, resolve_endpoints
+from builder.generate.run_store import RunStore
 from builder.shipped import PIPELINE_CONFIGS
 
 STAGES = ("images", "questions", "responses", "preferences")
@@ -73,7 +73,7 @@ def _interleave(metas: list[dict], cfg: PipelineConfig) -> list[dict]:
 async def collect_units(cfg: PipelineConfig, store: RunStore, router: ModelRouter, limit: int | None, progress: bool) -> dict:
     """Collect the images one subcategory at a time, each stored as it completes (so a crash loses at most
     one subcategory's downloads and memory holds one subcategory), then fix the work-unit order."""
-    from builder.images import build_source, collect_images
+    from builder.generate.images import build_source, collect_images
 
     tag = cfg.fingerprint("images", "keywords", "taxonomy", prompts=("keywords",))
     plan = f"{tag}:{limit}"
@@ -264,7 +264,7 @@ def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, execut
                 if until != "images" and executor == "local":
                     await _run_local(cfg, store, router, metas, until, bar)
                 elif until != "images":
-                    from builder.ray_executor import run_on_ray
+                    from builder.generate.ray_executor import run_on_ray
 
                     def on_record(record: dict) -> None:
                         store.put_unit(record)
@@ -278,7 +278,7 @@ def generate(config: str | Path | PipelineConfig, run_dir: str | Path, *, execut
         return images_info, metas
 
     if executor == "ray" and until != "images":
-        from builder.ray_executor import connect
+        from builder.generate.ray_executor import connect
 
         connect()
     try:

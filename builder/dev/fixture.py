@@ -5,7 +5,7 @@ sits in exactly one split, every label comes from the taxonomy, and the texts ca
 quirks (a leading space, quotes, a leading "\\n\\n"), so a fixture passes every check a real release
 must and exercises what real text does. Two layouts:
 
-- ``spa_vl``: our dataset folder (``builder.folder``), labelled synthetic in its card;
+- ``spa_vl``: our dataset folder (``builder.format.folder``), labelled synthetic in its card;
 - ``upstream``: the ``sqrti/SPA-VL`` layout, for the importer (see ``_write_upstream``): train
   parquet without labels whose ``image_name`` ``k.jpg`` indexes ``train/meta.json``, and
   ``train.zip`` with that meta file and the ``class1/class2/class3/<n>.jpg`` image tree.
@@ -40,7 +40,7 @@ from PIL import ImageDraw
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.folder import (
+from builder.format.folder import (
     UPSTREAM_FIXTURE_MARK,
     DatasetFolderWriter,
     FolderSummary,
@@ -48,8 +48,8 @@ from builder.folder import (
     raise_write_error,
     swap_into_place,
 )
-from builder.schema import QUESTION_TYPES, image_sha256, row_id
-from builder.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, arrow_schema
+from builder.format.schema import QUESTION_TYPES, image_sha256, row_id
+from builder.format.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, arrow_schema
 from builder.taxonomy import Taxonomy
 
 LAYOUTS = ("spa_vl", "upstream")

@@ -29,9 +29,9 @@ import yaml
 
 from builder.config_fields import check_mapping, check_value, typed_section
 from builder.errors import DataError
-from builder.folder import parse_version
-from builder.images import ImageFilters, source_config
-from builder.llm import ModelSpec, check_params
+from builder.format.folder import parse_version
+from builder.generate.images import ImageFilters, source_config
+from builder.generate.llm import ModelSpec, check_params
 from builder.shipped import PIPELINE_CONFIGS, PROMPTS, resolve_config
 from builder.taxonomy import Taxonomy
 
@@ -79,7 +79,7 @@ class ImagesSection:
     per_subcategory: int = field(metadata={"min": 1})
     download_concurrency: int = field(metadata={"min": 1})
     timeout: float = field(metadata={"gt": 0})
-    sources: tuple[dict, ...]  # each checked by builder.images.source_config, paths resolved
+    sources: tuple[dict, ...]  # each checked by builder.generate.images.source_config, paths resolved
     filters: ImageFilters
 
 

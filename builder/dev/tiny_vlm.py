@@ -6,7 +6,7 @@ token; the models write gibberish::
     path = build_tiny_llava("/tmp/tiny-llava", seed=0)        # like llava-hf/llava-1.5-7b-hf
     path = build_tiny_qwen2_5_vl("/tmp/tiny-qwen", seed=0)    # like Qwen/Qwen2.5-VL-7B-Instruct
     model = AutoModelForImageTextToText.from_pretrained(path)
-    processor = training.chat.load_processor(path)           # Qwen: its processor without the video half
+    processor = builder.vlm.chat.load_processor(path)           # Qwen: its processor without the video half
 
 What is real (from the public configs): **LLaVA-1.5** (llava-hf): the chat template ``USER: <image>\\n{q}
 ASSISTANT:`` with no BOS in it (the Llama tokenizer adds ``<s>``; ``add_bos_token: true``) and answers
@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 
 from builder.errors import DataError
-from builder.folder import swap_into_place
+from builder.format.folder import swap_into_place
 from builder.taxonomy import Taxonomy
 
 PATCH_SIZE = 8
@@ -130,14 +130,14 @@ TEMPLATES = (
 
 README = """# Tiny random-weight {family} (demo model)
 
-Written by `builder.tiny_vlm.{builder}` (seed {seed}). **Random weights: the model writes gibberish.**
+Written by `builder.dev.tiny_vlm.{builder}` (seed {seed}). **Random weights: the model writes gibberish.**
 It exists so that generation, judging, DPO, reward-model and PPO code can run offline, on CPU, in seconds,
 on the prompt format of `{real}`: {format}.
 
 - `{cls}`, {params:,} parameters, {n_image}
 - BPE tokenizer ({vocab} tokens) trained on a small English corpus and the SPA-VL taxonomy words
 
-Load it with `AutoModelForImageTextToText.from_pretrained(path)` and `training.chat.load_processor(path)`.
+Load it with `AutoModelForImageTextToText.from_pretrained(path)` and `builder.vlm.chat.load_processor(path)`.
 """
 
 

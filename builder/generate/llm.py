@@ -5,7 +5,7 @@ Every call goes through :class:`ModelRouter`, which gives each model entry of th
 - a persistent request cache (:class:`RequestCache`, sqlite in the run directory) keyed by the model,
   the rendered messages with images as their sha256, and every parameter that changes the output,
   so a re-run re-sends nothing that already succeeded;
-- limits per endpoint (:class:`~builder.rate_limit.RateLimiter`): concurrency, requests and tokens per
+- limits per endpoint (:class:`~builder.generate.rate_limit.RateLimiter`): concurrency, requests and tokens per
   minute, and a pause for everyone when a server answers 429 with ``Retry-After``;
 - retries with exponential backoff and full jitter on 429, 5xx, timeouts, connection errors and
   malformed replies; a request that keeps failing raises :class:`RequestFailed` with the server's reason
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from builder.errors import DataError
-from builder.model_spec import (  # noqa: F401 - re-exported: callers import model access from here
+from builder.generate.model_spec import (  # noqa: F401 - re-exported: callers import model access from here
     BACKENDS,
     Endpoint,
     ModelSpec,
@@ -48,8 +48,8 @@ from builder.model_spec import (  # noqa: F401 - re-exported: callers import mod
     redact,
     resolve_endpoints,
 )
-from builder.rate_limit import RATE_MARGIN, RateLimiter, _Bucket  # noqa: F401 - re-exported
-from builder.request_cache import Reply, RequestCache  # noqa: F401 - re-exported
+from builder.generate.rate_limit import RATE_MARGIN, RateLimiter, _Bucket  # noqa: F401 - re-exported
+from builder.generate.request_cache import Reply, RequestCache  # noqa: F401 - re-exported
 
 # What servers without structured output say when they refuse response_format (vLLM, TGI, Ollama, proxies).
 NO_SCHEMA = re.compile(r"response_format|json_schema|guided|grammar|structured", re.I)
@@ -346,7 +346,7 @@ class ModelRouter:
     async def _local_call(self, spec: ModelSpec, messages, images, params) -> Reply:
         from PIL import Image
 
-        from builder.local_vlm import load_local_vlm
+        from builder.vlm.local import load_local_vlm
 
         try:
             vlm = await asyncio.to_thread(load_local_vlm, spec.path)

@@ -8,7 +8,7 @@ node's environment; nothing of them is written to the run directory.
 
 Each of the N tasks in flight gets 1/N of every endpoint's limits. A lost worker or node is Ray's to
 retry (a task re-run finds the replies already stored and sends nothing twice; what was paid for is
-counted where the replies are stored, see :meth:`builder.request_cache.RequestCache.usage`). A config
+counted where the replies are stored, see :meth:`builder.generate.request_cache.RequestCache.usage`). A config
 error raised in a worker stops the run with that error, as it does locally.
 """
 
@@ -21,8 +21,8 @@ import signal
 import threading
 
 from builder.errors import DataError
-from builder.llm import Endpoint, Meter, ModelRouter
-from builder.run_store import RunStore
+from builder.generate.llm import Endpoint, Meter, ModelRouter
+from builder.generate.run_store import RunStore
 
 CHUNK_MAX = 32  # units per task: small chunks land often and leave little in flight
 
@@ -67,7 +67,7 @@ class _ActorCache:
 
 def _ray_chunk(cfg, units: list[tuple[dict, bytes]], actor, share: float, until: str, endpoints: dict[str, Endpoint]):
     """A Ray task: run a chunk of units with a share of the limits; return their records and meters."""
-    from builder.pipeline import process_unit
+    from builder.generate.pipeline import process_unit
 
     async def run():
         router = ModelRouter(cfg.models, _ActorCache(actor), limit_share=share, endpoints=endpoints)
@@ -108,7 +108,7 @@ def run_on_ray(cfg, store: RunStore, endpoints: dict[str, Endpoint], meters: dic
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from builder.pipeline import failed_record
+    from builder.generate.pipeline import failed_record
 
     connect()  # a no-op when generate() has connected already
     workers = cfg.run.ray_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))

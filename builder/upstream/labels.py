@@ -35,12 +35,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from builder.archive import SafeZip
-from builder.class_map import load_class_map
+from builder.upstream.archive import SafeZip
+from builder.upstream.class_map import load_class_map
 from builder.errors import DataError
-from builder.shards import file_sha256
+from builder.format.shards import file_sha256
 from builder.taxonomy import Taxonomy
-from builder.upstream_meta import MetaIndex, meta_index, text_key
+from builder.upstream.meta import MetaIndex, meta_index, text_key
 
 METHODS = ("meta", "image_hash", "class_map", "image_name")
 TREE_ZIP, TREE_DIR, META_FILE = "train.zip", "train", "meta.json"

@@ -31,8 +31,8 @@ from pathlib import Path
 from datasets import SplitInfo
 
 from builder.errors import DataError
-from builder.schema import EVAL_FEATURES, PREFERENCE_FEATURES, check_row
-from builder.shards import (
+from builder.format.schema import EVAL_FEATURES, PREFERENCE_FEATURES, check_row
+from builder.format.shards import (
     DEFAULT_MAX_SHARD_BYTES,
     DEFAULT_ROW_GROUP_ROWS,
     Shard,

@@ -15,10 +15,10 @@ import shutil
 import time
 from pathlib import Path
 
-from builder.fixture import write_fixture
-from builder.folder import read_manifest
+from builder.dev.fixture import write_fixture
+from builder.format.folder import read_manifest
 from builder.taxonomy import Taxonomy
-from builder.upstream import import_upstream
+from builder.upstream.importer import import_upstream
 
 
 def run_demo(out: Path, *, rows_per_domain: int = 120, eval_rows: int = 12) -> dict[str, dict[str, int]]:
@@ -86,10 +86,10 @@ def run_pipeline_demo(out: Path, cache: Path, *, limit: int = 12) -> int:
     """The pipeline on the embedded defaults; returns the rows built."""
     from datasets import load_dataset
 
-    from builder.build import build
-    from builder.config import SHIPPED
-    from builder.pipeline import generate, summary_line
-    from builder.tiny_vlm import build_tiny_llava
+    from builder.generate.build import build
+    from builder.generate.config import SHIPPED
+    from builder.generate.pipeline import generate, summary_line
+    from builder.dev.tiny_vlm import build_tiny_llava
 
     print(f"\n[4/7] spa-vl generate {out / 'local.yaml'} --run_dir {out / 'run'} --limit {limit}   "
           "(typography images, a tiny random-weight LLaVA for every role: gibberish text, real pipeline)")

@@ -1,6 +1,6 @@
 """The request cache: successful model replies in sqlite, keyed by everything that changes the output.
 
-``RequestCache(path)`` is the router's store (the pipeline's :class:`~builder.run_store.RunStore` extends
+``RequestCache(path)`` is the router's store (the pipeline's :class:`~builder.generate.run_store.RunStore` extends
 it with images and unit records). Every reply row records the run ``session`` that stored it and its
 tokens, so what a run paid for can be counted where the replies are::
 
@@ -75,7 +75,7 @@ class RequestCache:
     def set_mark(self, name: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", (name, value))
 
-    # The router awaits these, so a Ray actor can stand in for the file (see builder.pipeline).
+    # The router awaits these, so a Ray actor can stand in for the file (see builder.generate.pipeline).
     async def get(self, key: str) -> Reply | None:
         return self.lookup(key)
 

@@ -1,7 +1,7 @@
 """The in-process transformers backend: a local VLM folder that generates answers and scores choices.
 
 Any folder that `AutoModelForImageTextToText` and `AutoProcessor` load works (LLaVA-1.5, Qwen2.5-VL, or
-the tiny demo models from `builder.tiny_vlm`); prompts are encoded by `training.chat`, as in training. Messages are OpenAI-style chats whose i-th `{"type": "image"}`
+the tiny demo models from `builder.dev.tiny_vlm`); prompts are encoded by `builder.vlm.chat`, as in training. Messages are OpenAI-style chats whose i-th `{"type": "image"}`
 part is `images[i]`::
 
     vlm = load_local_vlm("/models/llava-1.5-7b-hf")
@@ -37,7 +37,7 @@ class LocalVLM:
     def __init__(self, path: str, *, device: str | None = None, dtype: str | None = None):
         from transformers import AutoModelForImageTextToText
 
-        from training.chat import ChatFormat, load_processor
+        from builder.vlm.chat import ChatFormat, load_processor
 
         self.path = Path(path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +101,7 @@ class LocalVLM:
         return torch.stack(scores).softmax(0).tolist()
 
     def _encode(self, messages: list[dict], images: list[Image.Image]):
-        """The chat with the generation prompt, as model inputs (``training.chat.ChatFormat``: the BOS once)."""
+        """The chat with the generation prompt, as model inputs (``builder.vlm.chat.ChatFormat``: the BOS once)."""
         n_parts = sum(1 for m in messages if not isinstance(m["content"], str)
                       for part in m["content"] if part.get("type") == "image")
         if n_parts != len(images):

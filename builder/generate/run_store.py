@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from builder.request_cache import RequestCache
+from builder.generate.request_cache import RequestCache
 
 
 class RunStore(RequestCache):
@@ -33,7 +33,7 @@ class RunStore(RequestCache):
 
     # --- images (the work units' inputs) ------------------------------------------------------------
     def add_images(self, images: list, tag: str) -> None:
-        """Store collected images (``builder.images.CollectedImage``) of one collection ``tag``, in one transaction."""
+        """Store collected images (``builder.generate.images.CollectedImage``) of one collection ``tag``, in one transaction."""
         with self._db:
             self._db.execute("BEGIN")
             for img in images:

@@ -7,7 +7,7 @@ Upstream keeps its splits in four file groups, and its train rows carry no harm 
     test/harm-*.parquet, test/help-*.parquet  image, question, class1, class2, class3
     train.zip                                 train/meta.json and the image tree class1/class2/class3/<n>.jpg
 
-Train rows get their labels as ``builder.train_labels`` says: ``train/meta.json`` entry ``k`` for the
+Train rows get their labels as ``builder.upstream.labels`` says: ``train/meta.json`` entry ``k`` for the
 row whose ``image_name`` is ``k.jpg`` (its texts checked), then the image tree by content hash, then a
 class map; a bare image name only when asked. A row none of them labels is kept with null labels;
 the dataset folder puts it in ``data/unattributed/``, which only the ``default`` config reads, and the
@@ -47,10 +47,10 @@ from huggingface_hub.errors import (
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.folder import DatasetFolderWriter
-from builder.schema import check_image, check_table_schema, image_sha256, invalid_utf8, row_id
+from builder.format.folder import DatasetFolderWriter
+from builder.format.schema import check_image, check_table_schema, image_sha256, invalid_utf8, row_id
 from builder.taxonomy import Taxonomy
-from builder.train_labels import METHODS, TREE_DIR, TREE_ZIP, TrainAttribution, attribute_train
+from builder.upstream.labels import METHODS, TREE_DIR, TREE_ZIP, TrainAttribution, attribute_train
 
 UPSTREAM_REPO = "sqrti/SPA-VL"
 SPLITS = ("train", "validation", "harm", "help")  # upstream split → the same split name in our folder

@@ -1,6 +1,6 @@
 """Stage 1, images: gather images for each harm subcategory from sources and filter them as the paper does.
 
-Sources (:mod:`builder.image_sources`: typography, a local folder, a URL list such as a LAION subset, a
+Sources (:mod:`builder.generate.image_sources`: typography, a local folder, a URL list such as a LAION subset, a
 clip-retrieval kNN service) are asked, keyword by keyword, for candidates. Each candidate goes through the filters (caption
 blocklist, NSFW score, size and resolution, image-text similarity, exact and near-duplicates) and
 comes out re-encoded as an RGB JPEG (quality 90)::
@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from builder.config_fields import typed_section
-from builder.image_sources import (  # noqa: F401 - re-exported: the stage's public names live here too
+from builder.generate.image_sources import (  # noqa: F401 - re-exported: the stage's public names live here too
     SOURCE_TYPES,
     USER_AGENT,
     ClipRetrievalSource,
@@ -46,7 +46,7 @@ from builder.image_sources import (  # noqa: F401 - re-exported: the stage's pub
     render_typography,
     source_config,
 )
-from builder.schema import MAX_IMAGE_PIXELS, image_sha256
+from builder.format.schema import MAX_IMAGE_PIXELS, image_sha256
 
 
 class ImageRejected(Exception):

@@ -1,0 +1,1 @@
+"""Development helpers: synthetic fixtures, tiny models, the demo (never a default)."""

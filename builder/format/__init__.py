@@ -1,0 +1,1 @@
+"""The dataset folder format: layout, manifest, schema, shards, the folder writer."""

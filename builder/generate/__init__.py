@@ -1,0 +1,1 @@
+"""The generation toolkit: config, model access, stages, pipeline, run store, build."""

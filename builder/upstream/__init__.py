@@ -1,0 +1,1 @@
+"""The upstream importer: sqrti/SPA-VL's layout -> a dataset folder."""

@@ -1,0 +1,1 @@
+"""Local vision-language models: one chat format, one loader, one in-process generator."""
