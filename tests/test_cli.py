@@ -136,7 +136,7 @@ def _code_lines(text: str) -> list[tuple[int, str]]:
 
 
 def test_the_readme_command_reference_is_the_help_usage():
-    from builder.command_line import commands
+    from builder.cli.command_line import commands
 
     text = README.read_text()
     section = text.split("## Command reference", 1)[1].split("\n## ", 1)[0]
@@ -164,7 +164,7 @@ def _examples():
 def test_every_example_command_line_is_valid(where, line):
     import shlex
 
-    from builder.command_line import HelpRequested, UsageError, check
+    from builder.cli.command_line import HelpRequested, UsageError, check
 
     try:
         check(CLI, shlex.split(line)[1:])

@@ -1,4 +1,4 @@
-"""builder.command_line: the whole command line is checked against the command's signature before it runs."""
+"""builder.cli.command_line: the whole command line is checked against the command's signature before it runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import command_line
+from builder.cli import command_line
 from builder.cli import CLI, main
-from builder.command_line import Command, HelpRequested, UsageError, check
+from builder.cli.command_line import Command, HelpRequested, UsageError, check
 
 SPA_VL = str(Path(sys.executable).with_name("spa-vl"))
 
