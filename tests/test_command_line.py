@@ -139,6 +139,16 @@ def test_every_command_signature_is_readable():
             assert p.kind in (str, int, float, bool), (name, p.name)
 
 
+def test_every_command_documents_its_arguments_in_order():
+    """A command's signature and its docstring's ``Args:`` are its contract: the same names, in the same order."""
+    import re
+
+    for name, command in command_line.commands(CLI).items():
+        documented = re.findall(r"^  (\w+):", command.doc.partition("\nArgs:\n")[2], re.M)
+        expected = [p.name for p in command.params] + (["overrides"] if command.takes_overrides else [])
+        assert documented == expected, (name, documented)
+
+
 def test_main_exits_2_and_runs_nothing(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["fixture", tmp_path / "fx", "--rows_per_domain", "3", "--eval-row", "1"])

@@ -54,6 +54,9 @@ class CLI(DataCommands, GenerationCommands, ReleaseCommands, TrainingCommands):
 
         Example:
           spa-vl demo demo_out
+
+        Args:
+          out: the folder to write into (created if absent; the demo's own subfolders in it are replaced).
         """
         from builder.dev.demo import run_demo
 
