@@ -121,7 +121,9 @@ def test_generate_exits_1_when_units_failed_and_2_on_a_bad_config(tmp_path):
 
 
 # --- the README's command reference and every example say what --help says -------------------------------
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+MANUAL = [README, *sorted((REPO / "docs").glob("*.md"))]  # the README and the docs it links to
 
 
 def _code_lines(text: str) -> list[tuple[int, str]]:
@@ -136,7 +138,7 @@ def _code_lines(text: str) -> list[tuple[int, str]]:
 
 
 def test_the_readme_command_reference_is_the_help_usage():
-    from builder.command_line import commands
+    from builder.cli.command_line import commands
 
     text = README.read_text()
     section = text.split("## Command reference", 1)[1].split("\n## ", 1)[0]
@@ -146,11 +148,13 @@ def test_the_readme_command_reference_is_the_help_usage():
 
 
 def _examples():
-    """Every `spa-vl ...` command line in the README's code blocks and in the commands' --help examples."""
+    """Every `spa-vl ...` command line in the code blocks of the README and docs/, and in the commands' --help
+    examples."""
     import inspect
     import re
 
-    found = [(f"README.md:{n}", line) for n, line in _code_lines(README.read_text()) if "[" not in line]
+    found = [(f"{doc.relative_to(REPO)}:{n}", line) for doc in MANUAL for n, line in _code_lines(doc.read_text())
+             if "[" not in line]
     for name in COMMANDS:
         doc = inspect.getdoc(getattr(CLI, name)) or ""
         found += [(f"spa-vl {name} --help", line) for line in doc.splitlines()]
@@ -164,7 +168,7 @@ def _examples():
 def test_every_example_command_line_is_valid(where, line):
     import shlex
 
-    from builder.command_line import HelpRequested, UsageError, check
+    from builder.cli.command_line import HelpRequested, UsageError, check
 
     try:
         check(CLI, shlex.split(line)[1:])
@@ -172,3 +176,18 @@ def test_every_example_command_line_is_valid(where, line):
         pass
     except UsageError as e:
         pytest.fail(f"{where}: {line}\n  {e}")
+
+
+def test_every_link_of_the_manual_reaches_a_file():
+    """A relative link of the README or a doc (``[text](docs/x.md)``, an image) names a file that exists."""
+    import re
+
+    local, missing = [], []
+    for doc in MANUAL:
+        for link in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", link) or link.startswith("#"):
+                continue  # a web address or an anchor of the same page
+            local.append(link)
+            if not (doc.parent / link.split("#")[0]).exists():
+                missing.append(f"{doc.relative_to(REPO)}: {link}")
+    assert len(local) > 10 and not missing, missing

@@ -1,4 +1,4 @@
-"""builder.command_line: the whole command line is checked against the command's signature before it runs."""
+"""builder.cli.command_line: the whole command line is checked against the command's signature before it runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import command_line
+from builder.cli import command_line
 from builder.cli import CLI, main
-from builder.command_line import Command, HelpRequested, UsageError, check
+from builder.cli.command_line import Command, HelpRequested, UsageError, check
 
 SPA_VL = str(Path(sys.executable).with_name("spa-vl"))
 
@@ -137,6 +137,16 @@ def test_every_command_signature_is_readable():
         assert isinstance(command, Command) and command.synopsis().startswith(f"spa-vl {name}")
         for p in command.params:  # an annotation the checker cannot read would go to fire unchecked
             assert p.kind in (str, int, float, bool), (name, p.name)
+
+
+def test_every_command_documents_its_arguments_in_order():
+    """A command's signature and its docstring's ``Args:`` are its contract: the same names, in the same order."""
+    import re
+
+    for name, command in command_line.commands(CLI).items():
+        documented = re.findall(r"^  (\w+):", command.doc.partition("\nArgs:\n")[2], re.M)
+        expected = [p.name for p in command.params] + (["overrides"] if command.takes_overrides else [])
+        assert documented == expected, (name, documented)
 
 
 def test_main_exits_2_and_runs_nothing(capsys, tmp_path):

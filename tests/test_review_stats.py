@@ -97,8 +97,8 @@ def _hand_sample() -> Sample:
     for i, (pid, side) in enumerate(sides.items()):
         labels = d0 if i < 3 else d1
         unsafe = (False, True) if pid == "p1" else (None, None)  # safety labels on p1 only
-        pairs.append(SampledPair(f"t{pid}", pid, "chosen" if side == "A" else "rejected", *labels, "easy",
-                                 f"question {pid}", None, *unsafe))
+        pairs.append(SampledPair(pid, *labels, "easy", f"question {pid}", None, *unsafe, token=f"t{pid}",
+                                 a_is="chosen" if side == "A" else "rejected"))
     return Sample(6, 0, None, {"kind": "folder"}, 2, pairs)
 
 

@@ -23,9 +23,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
-import shutil
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -40,13 +38,13 @@ from PIL import ImageDraw
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
+from builder.files import built_beside
 from builder.format.folder import (
     UPSTREAM_FIXTURE_MARK,
     DatasetFolderWriter,
     FolderSummary,
     prepare_output,
     raise_write_error,
-    swap_into_place,
 )
 from builder.format.schema import QUESTION_TYPES, image_sha256, row_id
 from builder.format.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, arrow_schema
@@ -289,17 +287,13 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
     - ``validation/``, ``test/harm-*``, ``test/help-*`` with their class columns.
     """
     prepare_output(out, kind="upstream-fixture", inputs=(taxonomy.source,), overwrite=overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        counts = _write_upstream_files(tmp, taxonomy, images_per_domain, eval_rows, args, max_shard_bytes, bar,
-                                       meta_place)
-        (tmp / "README.md").write_text(upstream_readme(tmp))
-        (tmp / UPSTREAM_FIXTURE_MARK).write_text('{"written_by": "spa-vl fixture --layout upstream"}\n')
-        swap_into_place(tmp, out)
+        with built_beside(out) as tmp:
+            counts = _write_upstream_files(tmp, taxonomy, images_per_domain, eval_rows, args, max_shard_bytes, bar,
+                                           meta_place)
+            (tmp / "README.md").write_text(upstream_readme(tmp))
+            (tmp / UPSTREAM_FIXTURE_MARK).write_text('{"written_by": "spa-vl fixture --layout upstream"}\n')
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise_write_error(e, out)
         raise
     bar.close()

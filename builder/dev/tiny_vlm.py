@@ -26,12 +26,10 @@ plus the taxonomy's words) and the weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from builder.errors import DataError
-from builder.format.folder import swap_into_place
+from builder.files import built_beside
 from builder.taxonomy import Taxonomy
 
 PATCH_SIZE = 8
@@ -328,13 +326,6 @@ def _check_out(out_dir, overwrite: bool) -> None:
 
 
 def _write_folder(out: Path, write) -> Path:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with built_beside(out) as tmp:
         write(tmp)
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -28,19 +28,12 @@ DEFAULT_N = 500
 UNLABELLED = "(no class3)"  # the stratum of rows without harm labels (upstream train rows that were not attributed)
 
 
-@dataclass(frozen=True)
-class SampledPair:
+@dataclass(frozen=True, kw_only=True)
+class SampledPair(PairLabels):
+    """A pair of the sample: its labels, the token the page knows it by, and the side its chosen answer is on."""
+
     token: str  # what the page sees: random, says nothing about the pair
-    id: str
     a_is: str  # "chosen" or "rejected": which answer the page shows as A
-    class1: str | None
-    class2: str | None
-    class3: str | None
-    question_type: str | None
-    question: str
-    question_unsafe: bool | None = None
-    chosen_unsafe: bool | None = None
-    rejected_unsafe: bool | None = None
 
     @property
     def judge_side(self) -> str:
@@ -119,8 +112,7 @@ def draw_sample(labels: list[PairLabels], *, n: int, seed: int, config: str | No
     pairs = []
     for p in picked:
         a_is = "chosen" if random.Random(f"{seed}/side/{p.id}").random() < 0.5 else "rejected"
-        pairs.append(SampledPair(secrets.token_urlsafe(12), p.id, a_is, p.class1, p.class2, p.class3,
-                                 p.question_type, p.question, p.question_unsafe, p.chosen_unsafe, p.rejected_unsafe))
+        pairs.append(SampledPair(**vars(p), token=secrets.token_urlsafe(12), a_is=a_is))
     return Sample(n, seed, config, source, len(strata), pairs)
 
 

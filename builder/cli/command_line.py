@@ -292,9 +292,10 @@ class Command:
 
 
 def commands(cli: type) -> dict[str, Command]:
-    """Every public method of ``cli``, in the order the class defines them."""
-    return {name: Command.of(cli, name) for name, fn in vars(cli).items()
-            if not name.startswith("_") and inspect.isfunction(fn)}
+    """Every public method of ``cli``: those of its job classes (its bases, in order), then its own."""
+    names = [name for klass in (*cli.__mro__[1:], cli) for name, fn in vars(klass).items()
+             if not name.startswith("_") and inspect.isfunction(fn)]
+    return {name: Command.of(cli, name) for name in dict.fromkeys(names)}
 
 
 def check(cli: type, argv: list[str]) -> tuple[Command, dict, list[str]]:
