@@ -45,17 +45,12 @@ import time
 from pathlib import Path
 
 from builder.errors import DataError
-from training.card import adapter_base, write_model_card
 from builder.vlm.chat import ChatFormat, PreferenceCollator
+from builder.vlm.loading import default_device, load_vlm, resolve_dtype
+from training.card import adapter_base, write_model_card
 from training.config import TrainResult
 from training.data import prepare_preferences, rows_for
-from training.models import (
-    apply_training_mode,
-    load_vlm,
-    lora_config,
-    resolve_dtype,
-    trainable_summary,
-)
+from training.models import apply_training_mode, lora_config, trainable_summary, upcast_trainable
 
 SUMMARY_FILE = "spa_vl_train.json"
 # Our settings that are trl.DPOConfig fields of the same name and meaning.
@@ -121,7 +116,7 @@ def train_dpo(cfg, *, log=None, callbacks=None) -> TrainResult:
     ref_model = None
     if not cfg.lora:
         # The frozen reference: a second copy (bf16 when training in bf16 mixed precision: forward only).
-        dtype = resolve_dtype(cfg.torch_dtype, use_cpu=cfg.use_cpu)
+        dtype = resolve_dtype(cfg.torch_dtype, device=default_device(cfg.use_cpu))
         ref_dtype = torch.bfloat16 if args.bf16 and dtype == torch.float32 else dtype
         ref_model, _ = load_vlm(cfg.model, dtype=ref_dtype, use_cpu=cfg.use_cpu,
                                 attn_implementation=cfg.attn_implementation)
@@ -200,18 +195,6 @@ def make_trainer(cfg, args, model, processor, train_ds, eval_ds=None, *, ref_mod
         f"{trainable_summary(trainer.model)}; {batch} pairs per optimizer step ({args.per_device_train_batch_size} "
         f"x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes)")
     return trainer
-
-
-def upcast_trainable(model) -> int:
-    """Trainable parameters held in bf16/fp16 → float32 in place (the optimizer, made later, sees fp32)."""
-    import torch
-
-    n = 0
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-            n += 1
-    return n
 
 
 def write_summary(output_dir: Path, cfg, result: TrainResult, report, *, processes: int = 1) -> Path:

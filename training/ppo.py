@@ -40,9 +40,10 @@ from torch import nn
 
 from builder.errors import DataError
 from builder.vlm.chat import ChatFormat, prompt_messages
+from builder.vlm.loading import default_device, resolve_dtype
 from training.config import TrainResult
 from training.data import rows_for
-from training.models import resolve_dtype, trainable_summary
+from training.models import trainable_summary
 from training.ppo_core import (
     advantages_and_returns,
     at_positions,
@@ -176,7 +177,8 @@ class PPOTrainer:
         self.reference = None
         if not cfg.lora:
             # A copy in the dtype it was loaded in (the policy's trainable weights may have been upcast).
-            self.reference = copy.deepcopy(policy).to(resolve_dtype(cfg.torch_dtype, use_cpu=cfg.use_cpu))
+            dtype = resolve_dtype(cfg.torch_dtype, device=default_device(cfg.use_cpu))
+            self.reference = copy.deepcopy(policy).to(dtype)
             self.reference.requires_grad_(False).eval()
         self.reward_model = VLMRewardModel.from_pretrained(cfg.reward_model, **load)
         value = VLMRewardModel.from_pretrained(cfg.reward_model, train_cfg=cfg, **load)

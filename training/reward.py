@@ -31,9 +31,10 @@ from torch import nn
 
 from builder.errors import DataError
 from builder.vlm.chat import ChatFormat
+from builder.vlm.loading import load_vlm
 from training.config import TrainResult
 from training.data import prepare_preferences, rows_for
-from training.models import apply_training_mode, load_vlm, trainable_summary
+from training.models import apply_training_mode, trainable_summary, upcast_trainable
 from training.run import make_accelerator, mixed_precision, save_run
 
 HEAD_FILE = "value_head.safetensors"
@@ -129,12 +130,8 @@ def load_backbone(path: str, cfg=None, *, dtype="auto", use_cpu: bool = False, a
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = apply_training_mode(model, cfg)
-    if mixed_precision(cfg) == "bf16":
-        # Under bf16 autocast, trainable bf16 weights (a full LM, the projector copy) become float32
-        # master weights: AdamW steps of 1e-6..3e-5 are below bf16's resolution and would be lost.
-        for p in model.parameters():
-            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-                p.data = p.data.float()
+    if mixed_precision(cfg) == "bf16":  # trainable bf16 weights (a full LM, the projector copy) → float32 masters
+        upcast_trainable(model)
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
