@@ -37,6 +37,7 @@ What happens:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,21 +49,22 @@ from builder.errors import DataError
 from builder.vlm.chat import ChatFormat, PreferenceCollator
 from builder.vlm.loading import default_device, load_vlm, resolve_dtype
 from training.card import adapter_base, write_model_card
-from training.config import TrainResult
+from training.config import TRL_FIXED, TrainResult, trl_fields
 from training.data import prepare_preferences, rows_for
 from training.models import apply_training_mode, lora_config, trainable_summary, upcast_trainable
 
 SUMMARY_FILE = "spa_vl_train.json"
-# Our settings that are trl.DPOConfig fields of the same name and meaning.
-TRL_NAMES = ("beta", "loss_type", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
-             "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-             "max_grad_norm", "weight_decay", "logging_steps", "save_steps", "eval_steps", "seed", "use_cpu")
 SECRET_HINTS = ("token", "secret", "password", "api_key")
+# trl.DPOConfig settings of every spa-vl run that a run's own trl flags may change (--save_total_limit 5).
+TRL_DEFAULTS = {"save_strategy": "steps", "save_total_limit": 2,  # a 7B full checkpoint with optimizer state is
+                "eval_strategy": "no"}                             # ~100 GB: keep two; "steps" when there is eval data
 
 
 def dpo_args(cfg, *, log=None):
-    """trl's ``DPOConfig`` from our settings (bf16 ``auto`` resolved, report_to checked, no truncation), plus any
-    other trl field the run was given (``cfg.trl``)."""
+    """trl's ``DPOConfig``, built once: every setting of ``cfg`` that is a DPOConfig field, by name; bf16
+    ``auto``, ``report_to`` and gradient checkpointing resolved; the run's other trl flags (``cfg.trl``) over
+    spa-vl's defaults; no truncation by trl (``max_length``: over-long pairs were dropped). trl refusing the
+    combination is a DataError."""
     import torch
     from transformers.integrations.integration_utils import (
         is_tensorboard_available,
@@ -73,27 +75,20 @@ def dpo_args(cfg, *, log=None):
     log = log or _stderr
     bf16 = cfg.bf16
     if bf16 == "auto":
-        bf16 = bool(not cfg.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        bf16 = (not cfg.use_cpu and not cfg.trl.get("fp16") and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported())
     report_to = cfg.report_to
     available = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available}
     if report_to in available and not available[report_to]():
         log(f"report_to: {report_to} is not installed (pip install {report_to}); not reporting")
         report_to = "none"
-    ours = {name: getattr(cfg, name) for name in TRL_NAMES}
-    return DPOConfig(
-        **ours,
-        output_dir=str(cfg.output_dir),
-        bf16=bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
-        save_strategy="steps",
-        save_total_limit=2,  # a 7B full checkpoint with optimizer state is ~100 GB: keep the last two
-        eval_strategy="no",  # set to "steps" by make_trainer when there is an eval split
-        report_to=report_to,
-        max_length=None,  # over-long pairs were dropped by prepare_preferences: trl must not truncate
-        precompute_ref_log_probs=False,  # not supported for vision datasets
-        remove_unused_columns=False,  # keep `images` for the collator
-        **cfg.trl,
-    )
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in trl_fields()}
+    resolved = {"bf16": bf16, "report_to": report_to, "activation_checkpointing": cfg.gradient_checkpointing}
+    fixed = {"max_length": None} | {name: value for name, (value, _) in TRL_FIXED.items()}
+    try:
+        return DPOConfig(**(shared | resolved | TRL_DEFAULTS | cfg.trl | fixed))
+    except (ValueError, TypeError) as e:
+        raise DataError(f"trl.DPOConfig refused the settings: {e}"[:800]) from None
 
 
 def train_dpo(cfg, *, log=None, callbacks=None) -> TrainResult:
@@ -168,7 +163,7 @@ def make_trainer(cfg, args, model, processor, train_ds, eval_ds=None, *, ref_mod
     from trl import DPOTrainer
 
     log = log or _stderr
-    if eval_ds is not None:
+    if eval_ds is not None and "eval_strategy" not in cfg.trl:  # a run's own --eval_strategy stands
         args.eval_strategy = IntervalStrategy.STEPS
     if args.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         log(f"gradient checkpointing: not supported by {type(model).__name__}; off")
