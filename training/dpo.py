@@ -31,30 +31,27 @@ What happens:
    fine-tune keeps the dtype it was loaded in: use ``torch_dtype: float32`` with ``bf16`` autocast
    (as the shipped llava-1.5-7b-full config does); bf16 weights are warned about;
 4. at the end the model (LoRA: the adapter and the projector; full: the whole model) and the processor
-   are saved into ``output_dir`` with ``spa_vl_train.json`` (resolved settings and result) and a model
-   card (``README.md``) naming the base model and the dataset.
+   are saved into ``output_dir`` with ``spa_vl_train.json`` (resolved settings and result: ``training.run``'s
+   record) and a model card (``README.md``) naming the base model and the dataset.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
-from pathlib import Path
 
 from builder.errors import DataError
 from builder.vlm.chat import ChatFormat, PreferenceCollator
 from builder.vlm.loading import default_device, load_vlm, resolve_dtype
-from training.card import adapter_base, write_model_card
+from training.card import write_model_card
 from training.config import TRL_FIXED, TrainResult, trl_fields
 from training.data import prepare_preferences, rows_for
 from training.models import apply_training_mode, lora_config, trainable_summary, upcast_trainable
+from training.run import write_record
 
-SUMMARY_FILE = "spa_vl_train.json"
-SECRET_HINTS = ("token", "secret", "password", "api_key")
 # trl.DPOConfig settings of every spa-vl run that a run's own trl flags may change (--save_total_limit 5).
 TRL_DEFAULTS = {"save_strategy": "steps", "save_total_limit": 2,  # a 7B full checkpoint with optimizer state is
                 "eval_strategy": "no"}                             # ~100 GB: keep two; "steps" when there is eval data
@@ -128,13 +125,13 @@ def train_dpo(cfg, *, log=None, callbacks=None) -> TrainResult:
     samples = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     if args.max_steps <= 0:  # whole epochs: the last batch of each may be short
         samples = min(samples, len(train_ds) * math.ceil(args.num_train_epochs))
-    result = TrainResult(kind="dpo", output_dir=str(args.output_dir), steps=int(trainer.state.global_step),
-                         samples=int(samples), seconds=time.perf_counter() - start, metrics=metrics,
-                         dropped=report.dropped)
+    result = TrainResult(kind="dpo", output_dir=str(args.output_dir), steps=trainer.state.global_step,
+                         samples=samples, seconds=time.perf_counter() - start, metrics=metrics, dropped=report.dropped)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output_dir)
-        write_model_card(args.output_dir, cfg, result, base_model=adapter_base(cfg.model), pairs=report.kept)
-        write_summary(Path(args.output_dir), cfg, result, report, processes=world)
+        write_model_card(args.output_dir, cfg, result, pairs=report.kept)
+        write_record(args.output_dir, cfg, result, processes=world, data={
+            "rows": report.rows, "kept": report.kept, "dropped": report.dropped, "max_length": report.max_length})
     return result
 
 
@@ -190,23 +187,6 @@ def make_trainer(cfg, args, model, processor, train_ds, eval_ds=None, *, ref_mod
         f"{trainable_summary(trainer.model)}; {batch} pairs per optimizer step ({args.per_device_train_batch_size} "
         f"x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes)")
     return trainer
-
-
-def write_summary(output_dir: Path, cfg, result: TrainResult, report, *, processes: int = 1) -> Path:
-    """``output_dir/spa_vl_train.json``: the resolved settings (nothing secret-looking) and the result."""
-    safe = {k: v for k, v in cfg.to_dict().items() if not any(h in k.lower() for h in SECRET_HINTS)}
-    payload = {
-        "kind": "dpo",
-        "config": safe,
-        "data": {"rows": report.rows, "kept": report.kept, "dropped": report.dropped, "max_length": report.max_length},
-        "processes": processes,
-        "result": {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 3),
-                   "metrics": result.metrics, "dropped": result.dropped},
-    }
-    path = Path(output_dir) / SUMMARY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
 
 
 def eval_pairs(cfg, processor, log):
