@@ -1,8 +1,9 @@
 """One prompt format, token for token, in every path that talks to a model, on both real formats.
 
-DPO's collator, the reward model's batches, PPO's prompts, evaluate's generator and the pipeline's local
-backend must encode a question and its image into the same ids: llava-hf's template without BOS gets the
-tokenizer's ``<s>`` once; Qwen2.5-VL's ChatML gets none. Answers end with the EOS a model stops at.
+DPO's collator, the reward model's batches, PPO's prompts, and the local VLM behind evaluate's answers and
+the pipeline's local backend must encode a question and its image into the same ids: llava-hf's template
+without BOS gets the tokenizer's ``<s>`` once; Qwen2.5-VL's ChatML gets none. Answers end with the EOS a model
+stops at.
 """
 
 from __future__ import annotations
