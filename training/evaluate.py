@@ -45,7 +45,6 @@ reference) raises :class:`builder.errors.DataError` naming the file or option, b
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import os
@@ -58,6 +57,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
+from builder.files import file_digest
 from builder.generate.llm import RequestCache
 from builder.vlm.chat import prompt_messages
 from builder.vlm.local import LocalVLM
@@ -275,7 +275,7 @@ def dataset_revision(dataset: str) -> dict:
     if os.path.isdir(dataset):
         manifest = Path(dataset) / "manifest.json"
         if manifest.is_file():
-            return {"kind": "manifest_sha256", "value": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+            return {"kind": "manifest_sha256", "value": file_digest(manifest)}
         return {"kind": "none", "value": None}  # a folder without a manifest (the upstream layout)
     try:
         from huggingface_hub import HfApi
