@@ -162,7 +162,6 @@ def run_case(case: str, opts: dict) -> dict:
     import torch
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import SaveStrategy
 
     from training.config import load_config
     from training.data import load_rows, prepare_preferences
@@ -193,11 +192,10 @@ def run_case(case: str, opts: dict) -> dict:
                   logging_steps=1, report_to="none", seed=42, learning_rate=opts["lr"], warmup_steps=0)
     if who == "ours":
         cfg = load_config(f"llava-1.5-7b-{mode}", "dpo", model="(in memory)", dataset=opts["data"],
-                          output_dir=str(out), use_cpu=not cuda, bf16=cuda, **common)
+                          output_dir=str(out), use_cpu=not cuda, bf16=cuda, save_strategy="no", **common)
         if cfg.lora:
             cfg = cfg.replace(lora={"r": opts["rank"], "alpha": 2 * opts["rank"], "dropout": cfg.lora.dropout})
-        args = dpo_args(cfg, log=lambda m: None)
-        args.save_strategy = SaveStrategy.NO  # nothing to keep
+        args = dpo_args(cfg, log=lambda m: None)  # save_strategy "no": a trl flag over spa-vl's default
         trainer = make_trainer(cfg, args, model, processor, pairs, ref_model=ref, log=lambda m: None)
     else:
         from peft import LoraConfig

@@ -1,8 +1,9 @@
 """One prompt format, token for token, in every path that talks to a model, on both real formats.
 
-DPO's collator, the reward model's batches, PPO's prompts, evaluate's generator and the pipeline's local
-backend must encode a question and its image into the same ids: llava-hf's template without BOS gets the
-tokenizer's ``<s>`` once; Qwen2.5-VL's ChatML gets none. Answers end with the EOS a model stops at.
+DPO's collator, the reward model's batches, PPO's prompts, and the local VLM behind evaluate's answers and
+the pipeline's local backend must encode a question and its image into the same ids: llava-hf's template
+without BOS gets the tokenizer's ``<s>`` once; Qwen2.5-VL's ChatML gets none. Answers end with the EOS a model
+stops at.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from builder.vlm.chat import ChatFormat, answer_text, prompt_messages
 from training.data import load_rows, prepare_preferences, to_conversational
-from training.models import load_vlm
+from builder.vlm.loading import load_vlm
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -36,10 +37,11 @@ def _png(image) -> bytes:
 
 
 def test_prompt_ids_are_identical_in_dpo_rm_ppo_evaluate_and_the_local_backend(family, tmp_path):
+    from PIL import Image
+
     from builder.vlm.local import LocalVLM
     from training.config import load_config
     from training.dpo import dpo_args, make_trainer
-    from training.evaluate import Generator
     from training.ppo import encode_prompts
     from training.reward import preference_batch
 
@@ -51,16 +53,16 @@ def test_prompt_ids_are_identical_in_dpo_rm_ppo_evaluate_and_the_local_backend(f
     rm = preference_batch(pairs, family["processor"])
     torch.testing.assert_close(rm["input_ids"], dpo["input_ids"])  # the RM trains on DPO's very sequences
     ppo = encode_prompts(family["chat"], rows[:])
-    generator = Generator(family["model"], device="cpu")
-    evaluate = generator.encode(rows["question"], [_png(im) for im in rows["image"]])
     local = LocalVLM(family["model"], device="cpu")
+    evaluate = local.encode([prompt_messages(q) for q in rows["question"]],  # evaluate's batches: PNG bytes decoded
+                            [[Image.open(io.BytesIO(_png(im)))] for im in rows["image"]])
 
     for i, (question, image) in enumerate(zip(rows["question"], rows["image"])):
         prompt = dpo["input_ids"][i][(dpo["completion_mask"][i] == 0) & (dpo["attention_mask"][i] == 1)].tolist()
         assert rm["input_ids"][i][:len(prompt)].tolist() == prompt
         assert ppo["input_ids"][i][ppo["attention_mask"][i] == 1].tolist() == prompt
         assert evaluate["input_ids"][i][evaluate["attention_mask"][i] == 1].tolist() == prompt
-        assert local._encode(prompt_messages(question), [image])["input_ids"][0].tolist() == prompt
+        assert local.encode([prompt_messages(question)], [[image]])["input_ids"][0].tolist() == prompt
         if family["name"] == "llava":  # the tokenizer's BOS, once, first: llava-hf's template has none
             assert prompt[0] == tok.bos_token_id and prompt.count(tok.bos_token_id) == 1
             assert tok.decode(prompt[1:]).startswith("USER: <image>")

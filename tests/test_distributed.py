@@ -74,7 +74,7 @@ def test_rm_on_two_processes(rm_run):
     result = json.loads((out / "spa_vl_train.json").read_text())["result"]
     assert result["steps"] == 4 and result["samples"] == 4 * 4 * PROCESSES  # 4 steps × 4 pairs × 2 processes
     assert 0.0 <= result["metrics"]["eval_accuracy"] <= 1.0  # gathered over both processes' share
-    assert (out / "value_head.safetensors").is_file() and not list(out.glob(".partial-*"))
+    assert (out / "value_head.safetensors").is_file() and not list(out.parent.glob(f".{out.name}.tmp-*"))
 
 
 def test_ppo_on_two_processes(tiny, rm_run):

@@ -59,7 +59,7 @@ def _one_input(tiny):
     from PIL import Image
 
     from builder.vlm.chat import ChatFormat, answer_messages, prompt_messages
-    from training.models import load_vlm
+    from builder.vlm.loading import load_vlm
 
     _, processor = load_vlm(tiny["model"], dtype="float32", use_cpu=True)
     row = {"prompt": prompt_messages("What is in the image?"), "chosen": answer_messages("A dog."),
@@ -136,7 +136,7 @@ def test_lora_freezes_vision_trains_projector_and_reference_is_base(tiny, lora_r
 def test_lora_adapter_saves_and_reloads(tiny, lora_run):
     from peft import PeftModel
 
-    from training.models import load_vlm
+    from builder.vlm.loading import load_vlm
 
     out = lora_run["out"]
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -174,7 +174,7 @@ def test_full_finetune_trains_lm_and_projector_not_vision(tiny, full_run):
 def test_overlong_pairs_dropped_and_overrides_respected(tiny):
     from training.data import load_rows, pair_lengths, prepare_preferences
     from training.dpo import train_dpo
-    from training.models import load_vlm
+    from builder.vlm.loading import load_vlm
 
     _, processor = load_vlm(tiny["model"], dtype="float32", use_cpu=True)
     rows = load_rows(tiny["data"], "malicious_use", "train")

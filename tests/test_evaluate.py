@@ -104,7 +104,7 @@ def test_evaluate_scores_the_scripted_judge_and_resumes_for_free(tmp_path, ds, t
 
         # A re-run: the answers are resumed (no model is even loaded) and every judge call is a cache hit.
         srv.reset()
-        monkeypatch.setattr(ev, "load_generator", lambda *a, **k: pytest.fail("the re-run generated answers"))
+        monkeypatch.setattr(ev, "LocalVLM", lambda *a, **k: pytest.fail("the re-run generated answers"))
         again = ev.evaluate(str(tiny), str(ds), cfg, out, reference=str(ref_file), progress=False)
         assert srv.stats()["requests"] == 0
     assert again["harm"] == h and again["help"] == p
@@ -118,15 +118,15 @@ def test_an_interrupted_answer_file_resumes_where_it_stopped(tmp_path, ds, tiny,
     lines = answers_file.read_text().splitlines(keepends=True)
     (out / "answers.jsonl").write_text("".join(lines[:3]) + lines[3][:20])  # 3 whole records and a torn one
     answered = []
-    real = ev.load_generator
+    real = ev.LocalVLM
 
     def counting(*args, **kwargs):
         gen = real(*args, **kwargs)
-        inner = gen.answer
-        gen.answer = lambda questions, images, **kw: answered.extend(questions) or inner(questions, images, **kw)
+        inner = gen.generate_batch
+        gen.generate_batch = lambda chats, images, **kw: answered.extend(chats) or inner(chats, images, **kw)
         return gen
 
-    monkeypatch.setattr(ev, "load_generator", counting)
+    monkeypatch.setattr(ev, "LocalVLM", counting)
     with OpenAIServer(ScriptedJudge(rows)) as srv:
         ev.evaluate(str(tiny), str(ds), judge_yaml(tmp_path / "j.yaml", srv.url), out, reference=str(ref_file),
                     batch_size=4, max_new_tokens=6, progress=False)
@@ -343,7 +343,7 @@ def test_reference_answers_from_a_model_entry_are_cached_and_costed(tmp_path, ds
                                            "endpoint": srv.url}
 
         srv.reset()  # a re-run asks nothing: the reference answers are on file and every judge call is cached
-        monkeypatch.setattr(ev, "load_generator", lambda *a, **k: pytest.fail("the re-run generated answers"))
+        monkeypatch.setattr(ev, "LocalVLM", lambda *a, **k: pytest.fail("the re-run generated answers"))
         again = ev.evaluate(str(tiny), str(ds), cfg, out, max_new_tokens=7, progress=False)
         assert srv.stats()["requests"] == 0
     assert again["help"] == m["help"]

@@ -222,3 +222,64 @@ def test_two_models_sampling_at_once_give_what_each_gives_alone(tiny, vlm, image
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(sample, calls))
     assert together == alone
+
+
+def test_a_greedy_reply_leaves_torchs_rng_alone(vlm, image):
+    """Greedy replies draw nothing and seed nothing: a pipeline thread answering greedily never resets the RNG
+    another model samples from (only sampled calls seed it, under the process-wide lock)."""
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    vlm.generate(IMAGE_CHAT, [image], max_new_tokens=4)
+    vlm.generate_batch([IMAGE_CHAT, TEXT_CHAT], [[image], []], max_new_tokens=4)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_generate_batch_is_greedy_and_padded_on_the_left(vlm, image):
+    """Evaluate's answers: several chats in one left-padded batch, each the greedy reply it gets alone."""
+    chats = [IMAGE_CHAT, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]]
+    inputs = vlm.encode(chats, [[image], [image]])
+    assert inputs["attention_mask"][:, -1].all() and not inputs["attention_mask"][:, 0].all()  # left padding
+    replies = vlm.generate_batch(chats, [[image], [image]], max_new_tokens=6)
+    assert replies == vlm.generate_batch(chats, [[image], [image]], max_new_tokens=6)
+    assert replies[0] == vlm.generate_batch([chats[0]], [[image]], max_new_tokens=6)[0]
+    with pytest.raises(ValueError, match="1 image parts but 0 images"):
+        vlm.generate_batch(chats, [[image], []])
+
+
+def test_a_lora_adapter_folder_loads_merged(tiny, image, tmp_path):
+    """One loader for training, evaluate and the pipeline: an adapter folder names its base model, loads on top
+    of it, and is merged for generation."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from builder.vlm.loading import adapter_base, load_vlm
+
+    peft = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")  # random B: the adapter changes the model
+    assert adapter_base(str(tmp_path / "adapter")) == str(tiny) and adapter_base(str(tiny)) is None
+    vlm = LocalVLM(str(tmp_path / "adapter"), device="cpu")
+    assert not hasattr(vlm.model, "peft_config") and vlm.tokenizer.eos_token == "</s>"
+    reference, _ = load_vlm(str(tmp_path / "adapter"), dtype="float32")
+    plain = AutoModelForImageTextToText.from_pretrained(tiny).eval()
+    inputs = vlm.encode([IMAGE_CHAT], [[image]])
+    with torch.inference_mode():
+        merged = vlm.model(**inputs).logits
+        torch.testing.assert_close(merged, reference.eval()(**inputs).logits, rtol=1e-4, atol=1e-5)
+        assert (merged - plain(**inputs).logits).abs().max() > 1e-3
+
+
+def test_auto_dtype_per_device_and_purpose(monkeypatch):
+    from builder.errors import DataError
+    from builder.vlm.loading import resolve_dtype
+
+    assert resolve_dtype("auto", device="cpu") is torch.float32 and resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype(torch.float16, device="cpu") is torch.float16
+    with pytest.raises(DataError, match="unknown torch dtype 'nn'"):
+        resolve_dtype("nn")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, training, expected in ((True, True, torch.bfloat16), (True, False, torch.bfloat16),
+                                     (False, True, torch.float32), (False, False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, bf16=bf16, **k: bf16)
+        assert resolve_dtype(None, device="cuda:0", training=training) is expected
+        assert resolve_dtype("auto", device="cpu", training=training) is torch.float32

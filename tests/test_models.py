@@ -164,7 +164,7 @@ def test_ppo_forward_on_selected_qwen_rows_matches_the_whole_batch():
 
 def test_load_vlm_errors_name_the_folder_and_field(tmp_path):
     from builder.errors import DataError
-    from training.models import load_vlm
+    from builder.vlm.loading import load_vlm
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

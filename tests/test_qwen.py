@@ -36,7 +36,7 @@ def test_dpo_trains_saves_and_reloads(runs):
     from peft import PeftModel
 
     from training.dpo import train_dpo
-    from training.models import load_vlm
+    from builder.vlm.loading import load_vlm
 
     out = runs["root"] / "dpo"
     result = train_dpo(load_config("tiny-dpo", "dpo", model=runs["model"], dataset=runs["data"], output_dir=str(out)),

@@ -219,7 +219,7 @@ def test_ppo_two_iterations(mode, tiny, planted, trained_rm, tmp_path):
     assert (saved / ("adapter_config.json" if mode == "lora" else "model.safetensors")).is_file()
     card = (saved / "README.md").read_text()
     assert str(tiny) in card and str(planted) in card and rm_dir in card
-    assert not list(saved.glob(".partial-*"))
+    assert not list(saved.parent.glob(f".{saved.name}.tmp-*"))  # the staging folder beside it is gone
 
 
 def test_ppo_config_errors(tiny, planted, tmp_path):
@@ -340,3 +340,49 @@ def test_rollout_returns_are_the_score_less_the_penalties(tiny, planted, trained
               "pixel_values": batch["pixel_values"]}
     with torch.no_grad():
         torch.testing.assert_close(trainer.reward_model.score(**closed), rollout["scores"], rtol=1e-5, atol=1e-5)
+
+
+class _OneProcess:
+    """What ``save_run`` asks of an ``accelerate.Accelerator`` on a single process."""
+
+    is_main_process, num_processes = True, 1
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_a_save_is_staged_beside_the_folder_and_a_killed_ones_leftovers_are_swept(tmp_path):
+    """``training.run.save_run`` builds the files in ``.OUT.tmp-PID`` (``builder.files``) and moves them in, the
+    record last; a dead process's staging folder is swept, other files in the folder stay, a failed write
+    leaves no staging folder."""
+    from training.config import TrainResult
+    from training.run import save_run
+
+    out = tmp_path / "rm"
+    cfg = load_config("tiny-rm", "rm", model="m", dataset="d", output_dir=str(out))
+    out.mkdir()
+    (out / "events.out.tfevents.1").write_text("tracker log")  # not a model file: kept
+    (out / "adapter_config.json").write_text("{}")  # an earlier LoRA save's: would make a full model load as one
+    dead = tmp_path / ".rm.tmp-999999999"  # a killed save's staging folder (no such process)
+    dead.mkdir()
+    (dead / "model.safetensors").write_text("half")
+
+    def write(folder):
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_text("weights")
+
+    save_run(_OneProcess(), cfg, write, TrainResult("rm", str(out), 2, 8, 1.0, {"loss": 0.5}), pairs=8)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "events.out.tfevents.1",
+                                                     "model.safetensors", "spa_vl_train.json"]
+    record = json.loads((out / "spa_vl_train.json").read_text())
+    assert record["kind"] == "rm" and record["result"]["steps"] == 2 and record["versions"]["torch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]  # the dead staging folder is gone, ours too
+
+    def broken(folder):
+        (folder / "model.safetensors").write_text("new weights")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_run(_OneProcess(), cfg, broken, folder=out / "checkpoint-4")
+    assert not (out / "checkpoint-4" / "model.safetensors").exists()
+    assert not list(out.glob(".checkpoint-4.tmp-*"))

@@ -61,6 +61,9 @@ def test_shipped_real_model_configs_run_two_steps_on_cpu(kind, real_runs, tiny_l
     ("--learning_rate", "fast", "field learning_rate: must be a number"),
     ("--lora", "{rank: 8}", "field lora: unknown LoRA setting"),
     ("--betta", "0.2", "field betta: unknown setting for `spa-vl train dpo`"),
+    ("--lr_scheduler_type", "cosinus", "field lr_scheduler_type: must be one of linear, cosine,"),
+    ("--warmup_steps", "1.5", "field warmup_steps: must be a whole number of steps, or a share"),
+    ("--remove_unused_columns", "true", "field remove_unused_columns: spa-vl sets it to False"),
 ])
 def test_bad_values_are_one_line_errors_with_exit_2(flag, value, message, tmp_path):
     out = tmp_path / "never"
@@ -101,6 +104,70 @@ def test_trl_flags_pass_through_to_dpo_config(tmp_path):
         load_config("tiny-dpo", "dpo", model="m", dataset="d", output_dir="o", label_smothing=0.1)
     with pytest.raises(DataError, match="label_smoothing"):
         load_config("tiny-dpo", "dpo", model="m", dataset="d", output_dir="o", label_smoothing="lots")
+
+
+# Settings named like a trl/transformers field that differ on purpose (training/config.py says why).
+OUR_OWN_MEANING = {"max_length", "bf16", "report_to", "learning_rate"}
+
+
+@pytest.mark.parametrize("kind", ["dpo", "rm", "ppo"])
+def test_settings_named_like_trl_fields_take_their_values(kind):
+    """What trl's DPOConfig (DPO) or transformers' TrainingArguments (RM, PPO) accepts for a field, the setting
+    of that name accepts too, and keeps: its default, and a share below 1 where the field is a float."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import DPOConfig
+
+    from training.config import settings_class
+
+    theirs = {f.name: f for f in dataclasses.fields(DPOConfig if kind == "dpo" else TrainingArguments) if f.init}
+    shared = [f.name for f in dataclasses.fields(settings_class(kind)) if f.name in theirs and
+              f.name not in OUR_OWN_MEANING | {"output_dir"}]
+    assert {"warmup_steps", "logging_steps", "gradient_accumulation_steps"} & set(shared)
+    for name in shared:
+        field = theirs[name]
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        values = [v for v in (default, 0.5 if field.type in ("float", float) else None) if v is not None]
+        for value in values:
+            cfg = load_config(f"tiny-{kind}", kind, model="m", dataset="d", output_dir="o", **{name: value})
+            assert getattr(cfg, name) == value, name
+
+
+def test_the_dpo_config_is_built_once_from_the_settings_by_name(tmp_path):
+    """Every setting that is a DPOConfig field arrives under its name; a trl user's flags work as in trl (a list
+    of losses, a warmup share, transformers 5's activation_checkpointing, fields spa-vl only defaults)."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    from training.dpo import dpo_args
+
+    cfg = load_config("tiny-dpo", "dpo", model="m", dataset="d", output_dir=str(tmp_path), beta="0.25",
+                      loss_type="sigmoid,bco_pair", loss_weights="0.8,0.2", warmup_steps="0.1", save_total_limit=5,
+                      activation_checkpointing="true", eval_strategy="epoch", max_grad_norm=0.5)
+    assert cfg.loss_type == ["sigmoid", "bco_pair"] and cfg.gradient_checkpointing is True
+    args = dpo_args(cfg, log=lambda m: None)
+    theirs = {f.name for f in dataclasses.fields(DPOConfig)}
+    for f in dataclasses.fields(cfg):
+        if f.name in theirs and f.name not in OUR_OWN_MEANING:
+            assert getattr(args, f.name) == getattr(cfg, f.name), f.name
+    assert (args.loss_weights, args.save_total_limit, args.activation_checkpointing) == ([0.8, 0.2], 5, True)
+    assert args.eval_strategy == "epoch" and args.save_strategy == "steps"  # the run's flag over spa-vl's default
+    assert args.max_length is None and args.remove_unused_columns is False  # what spa-vl needs, always
+    with pytest.raises(DataError, match="trl.DPOConfig refused the settings: .*fp16 and bf16"):
+        dpo_args(cfg.replace(bf16=True, fp16=True), log=lambda m: None)
+
+
+def test_step_settings_read_a_share_of_the_run():
+    from training.config import step_count
+
+    cfg = load_config("tiny-rm", "rm", model="m", dataset="d", output_dir="o", warmup_steps="0.1", logging_steps=0.25,
+                      save_steps="3", eval_steps=1.0)
+    assert (cfg.warmup_steps, cfg.logging_steps, cfg.save_steps, cfg.eval_steps) == (0.1, 0.25, 3, 1)
+    assert isinstance(cfg.save_steps, int) and isinstance(cfg.eval_steps, int)
+    assert [step_count(v, 40) for v in (cfg.warmup_steps, cfg.logging_steps, cfg.save_steps)] == [4, 10, 3]
+    assert step_count(0.1, 3) == 1 and step_count(0, 3) == 0  # rounded up, as transformers does
 
 
 def test_max_samples_are_drawn_evenly_over_class3_with_the_seed(tiny_llava_data):

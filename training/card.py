@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from builder.vlm.loading import adapter_base
+
 KIND_NAMES = {"dpo": "DPO", "rm": "a reward model", "ppo": "PPO"}
 PAPER = "SPA-VL: A Comprehensive Safety Preference Alignment Dataset for Vision Language Model"
 
@@ -24,10 +26,12 @@ def _hub_id(name: str | None) -> str | None:
 
 
 def model_card(cfg, result, *, base_model: str | None = None, pairs: int | None = None) -> str:
-    """The card's text. ``base_model``: the model under ``cfg.model`` when that is a LoRA adapter."""
+    """The card's text. ``base_model``: the model under ``cfg.model`` (default: the base a LoRA adapter folder
+    names)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     model = str(cfg.model)
+    base_model = base_model or adapter_base(model)
     base = base_model or model
     data = ModelCardData(
         base_model=_hub_id(base), datasets=[d for d in [_hub_id(str(cfg.dataset))] if d],
@@ -67,16 +71,3 @@ def write_model_card(folder, cfg, result, **kwargs) -> Path:
     path = Path(folder) / "README.md"
     path.write_text(model_card(cfg, result, **kwargs))
     return path
-
-
-def adapter_base(path: str) -> str | None:
-    """The base model a LoRA adapter folder names, or None."""
-    import json
-
-    f = Path(path) / "adapter_config.json"
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text()).get("base_model_name_or_path")
-    except ValueError:
-        return None

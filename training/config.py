@@ -7,24 +7,33 @@ Each trainer has a dataclass of settings (``DPOSettings``, ``RMSettings``, ``PPO
 from the YAML or the command line (where ``--max_steps 10`` may arrive as the string ``"10"``), is
 converted to its field's type and checked here, once: ``--max_steps abc``, a batch size of 0 or
 ``--max_steps -5`` are errors naming the field, as is an unknown key, so a typo never silently trains
-with a default. Names follow transformers/trl (``per_device_train_batch_size``, ``learning_rate``, ...);
-``spa-vl train dpo`` also accepts any other ``trl.DPOConfig`` field (``--label_smoothing 0.1``,
-``--optim adamw_torch_fused``) and hands it to trl as given.
+with a default.
+
+A setting named like a ``transformers.TrainingArguments`` field (DPO: a ``trl.DPOConfig`` field) takes the
+values it takes and means what it means there, so a trl user's flags work as they expect: ``--beta``,
+``--loss_type sigmoid,bco_pair`` (a list, as in trl), ``--warmup_steps 0.1`` (below 1: a share of the
+run's steps; also ``logging_steps``, ``save_steps``, ``eval_steps``), ``--gradient_accumulation_steps``,
+``--activation_checkpointing`` (transformers 5's name of ``gradient_checkpointing``). The differences are
+ours on purpose: ``max_length`` drops longer pairs instead of truncating them, ``bf16`` also takes
+``auto``, ``report_to`` is one of tensorboard, trackio or none, and ``learning_rate`` defaults to the
+paper's rate for the training mode. ``spa-vl train dpo`` also accepts any other ``trl.DPOConfig`` field
+(``--label_smoothing 0.1``, ``--save_total_limit 5``) and hands it to trl as given; ``training.dpo`` builds
+the ``DPOConfig`` once, from these settings by field name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
-
-from builder.generate.config import _expand
 from builder.errors import DataError
+from builder.settings import expand_env, load_mapping
 
 KINDS = ("dpo", "rm", "ppo")
 CONFIGS = Path(__file__).with_name("configs")
@@ -38,7 +47,16 @@ POSITIVE = {"per_device_train_batch_size", "per_device_eval_batch_size", "gradie
 NON_NEGATIVE = {"warmup_steps", "save_steps", "eval_steps", "max_grad_norm", "weight_decay", "kl_coef", "vf_coef",
                 "missing_eos_penalty", "dropout"}
 UNIT = {"gamma", "lam", "dropout"}  # in [0, 1]
+# A number of steps, or below 1 a share of the run's steps (as transformers reads them).
+STEP_SHARES = {"warmup_steps", "logging_steps", "save_steps", "eval_steps"}
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+# Other names of our settings: transformers 5's for gradient checkpointing and the model's dtype.
+ALIASES = {"activation_checkpointing": "gradient_checkpointing", "dtype": "torch_dtype"}
+# trl.DPOConfig fields spa-vl sets itself (training.dpo), with why a run cannot change them.
+TRL_FIXED = {
+    "precompute_ref_log_probs": (False, "trl cannot precompute reference log-probs of vision datasets"),
+    "remove_unused_columns": (False, "the collator needs the `images` column"),
+}
 
 
 @dataclass
@@ -72,8 +90,8 @@ class TrainSettings:
     learning_rate: float | None = None  # None: lr_lora with LoRA, else lr_full (the paper's values)
     lr_full: float = 1e-6
     lr_lora: float = 2e-5
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 10
+    lr_scheduler_type: str = "cosine"  # a transformers SchedulerType
+    warmup_steps: int | float = 10  # below 1: that share of the optimizer steps
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     bf16: bool | str = "auto"  # auto: when the GPU supports it
@@ -81,8 +99,8 @@ class TrainSettings:
     freeze_vision_tower: bool = True  # the paper's setup: vision tower frozen...
     train_projector: bool = True  # ...and the multimodal projector trained
     lora: LoraSettings | None = None
-    logging_steps: int = 10
-    save_steps: int = 500
+    logging_steps: int | float = 10
+    save_steps: int | float = 500  # 0: no intermediate checkpoints
     report_to: str = "tensorboard"  # tensorboard | trackio | none
     seed: int = 42
     use_cpu: bool = False
@@ -104,7 +122,7 @@ class PairSettings(TrainSettings):
 
     eval_split: str | None = "validation"  # None to skip evaluation during training
     eval_samples: int | None = 512  # pairs of it, drawn evenly over class3 with the seed; None: all of them
-    eval_steps: int = 500
+    eval_steps: int | float = 500
     per_device_eval_batch_size: int = 1
     gradient_accumulation_steps: int = 8
 
@@ -113,7 +131,7 @@ class PairSettings(TrainSettings):
 class DPOSettings(PairSettings):
     kind: ClassVar[str] = "dpo"
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # trl's; several with trl's loss_weights
     trl: dict = field(default_factory=dict)  # other trl.DPOConfig fields, passed through as given
 
 
@@ -165,13 +183,7 @@ def load_config(path: str | Path | None, kind: str, **overrides) -> TrainSetting
     if path is not None:
         p = resolve_config_path(path)
         file = str(p)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise DataError(f"not valid YAML: {e}", file=file) from None
-        if not isinstance(data, dict):
-            raise DataError("a training config is a mapping of settings", file=file)
-        values = _checked(cls, _expand(data), file)
+        values = _checked(cls, expand_env(load_mapping(p, what="a training config")), file)
     given = _checked(cls, {k: v for k, v in overrides.items() if v is not None}, "(command line)")
     cfg = _build(cls, _merged(values, given), file)
     for key in REQUIRED:
@@ -197,11 +209,14 @@ def _checked(cls, data: dict, file: str) -> dict:
     go into ``trl``)."""
     hints, out = typing.get_type_hints(cls), {}
     for key, value in data.items():
+        key = ALIASES.get(key, key)
         if key in hints and key != "kind":
             out[key] = _convert(value, hints[key], file, key)
             _check_value(key, out[key], file)
         elif cls is DPOSettings and key in _trl_fields():
             out.setdefault("trl", {})[key] = _convert(value, _trl_fields()[key], file, key)
+        elif cls is DPOSettings and key in TRL_FIXED:
+            raise DataError(f"spa-vl sets it to {TRL_FIXED[key][0]}: {TRL_FIXED[key][1]}", file=file, field=key)
         else:
             known = sorted(k for k in hints if k != "kind")
             raise DataError(f"unknown setting for `spa-vl train {cls.kind}` (known: {', '.join(known)}"
@@ -235,6 +250,11 @@ def _check_value(key: str, value, file: str) -> None:
         raise DataError(f"must be one of {', '.join(REPORT_TO)}, got {value!r}", file=file, field=key)
     if key == "bf16" and isinstance(value, str) and value != "auto":
         raise DataError(f"must be true, false or auto, got {value!r}", file=file, field=key)
+    if key == "lr_scheduler_type" and value not in _scheduler_types():
+        raise DataError(f"must be one of {', '.join(_scheduler_types())}, got {value!r}", file=file, field=key)
+    if key in STEP_SHARES and isinstance(value, float) and not 0 < value < 1:
+        raise DataError(f"must be a whole number of steps, or a share of the run's steps below 1; got {value}",
+                        file=file, field=key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     name = key.removeprefix("lora.")
@@ -288,7 +308,11 @@ def _as(kind, value, file: str, key: str):
         if isinstance(value, (dict, list, bool)):
             raise TypeError
         return str(value)
-    if origin in (dict, list) and isinstance(value, origin):
+    if origin is list and isinstance(value, (str, list, tuple)):  # "a,b" (a command line), [a, b] (YAML)
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        (item,) = typing.get_args(kind) or (typing.Any,)
+        return [_as(item, v, file, key) for v in items]
+    if origin is dict and isinstance(value, dict):
         return value
     if origin is typing.Any or isinstance(origin, typing.TypeVar):
         return value
@@ -315,20 +339,31 @@ def _lora(value, file: str) -> LoraSettings | None:
     return LoraSettings(**out)
 
 
-_TRL_FIELDS: dict | None = None
+@functools.cache
+def trl_fields() -> dict[str, object]:
+    """Every ``trl.DPOConfig`` field a caller may set, with its type."""
+    from trl import DPOConfig
+
+    hints = typing.get_type_hints(DPOConfig)
+    return {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(DPOConfig) if f.init}
 
 
-def _trl_fields() -> dict:
-    """trl.DPOConfig's fields and types, minus the ones this project sets itself."""
-    global _TRL_FIELDS
-    if _TRL_FIELDS is None:
-        from trl import DPOConfig
+def _trl_fields() -> dict[str, object]:
+    """The ``trl.DPOConfig`` fields a run passes through as given: neither ours, other names of ours, nor fixed."""
+    ours = {f.name for f in dataclasses.fields(DPOSettings)} | set(ALIASES) | set(TRL_FIXED)
+    return {name: hint for name, hint in trl_fields().items() if name not in ours}
 
-        ours = {f.name for f in dataclasses.fields(DPOSettings)}
-        hints = typing.get_type_hints(DPOConfig)
-        _TRL_FIELDS = {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(DPOConfig)
-                       if f.init and f.name not in ours}
-    return _TRL_FIELDS
+
+@functools.cache
+def _scheduler_types() -> tuple[str, ...]:
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+def step_count(value: int | float, total: int) -> int:
+    """A step setting as transformers reads it: a number of steps, or (below 1) that share of ``total``, rounded up."""
+    return value if isinstance(value, int) else math.ceil(value * total)
 
 
 @dataclass

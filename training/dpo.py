@@ -31,43 +31,37 @@ What happens:
    fine-tune keeps the dtype it was loaded in: use ``torch_dtype: float32`` with ``bf16`` autocast
    (as the shipped llava-1.5-7b-full config does); bf16 weights are warned about;
 4. at the end the model (LoRA: the adapter and the projector; full: the whole model) and the processor
-   are saved into ``output_dir`` with ``spa_vl_train.json`` (resolved settings and result) and a model
-   card (``README.md``) naming the base model and the dataset.
+   are saved into ``output_dir`` with ``spa_vl_train.json`` (resolved settings and result: ``training.run``'s
+   record) and a model card (``README.md``) naming the base model and the dataset.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
 import sys
 import time
-from pathlib import Path
 
 from builder.errors import DataError
-from training.card import adapter_base, write_model_card
 from builder.vlm.chat import ChatFormat, PreferenceCollator
-from training.config import TrainResult
+from builder.vlm.loading import default_device, load_vlm, resolve_dtype
+from training.card import write_model_card
+from training.config import TRL_FIXED, TrainResult, trl_fields
 from training.data import prepare_preferences, rows_for
-from training.models import (
-    apply_training_mode,
-    load_vlm,
-    lora_config,
-    resolve_dtype,
-    trainable_summary,
-)
+from training.models import apply_training_mode, lora_config, trainable_summary, upcast_trainable
+from training.run import write_record
 
-SUMMARY_FILE = "spa_vl_train.json"
-# Our settings that are trl.DPOConfig fields of the same name and meaning.
-TRL_NAMES = ("beta", "loss_type", "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
-             "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-             "max_grad_norm", "weight_decay", "logging_steps", "save_steps", "eval_steps", "seed", "use_cpu")
-SECRET_HINTS = ("token", "secret", "password", "api_key")
+# trl.DPOConfig settings of every spa-vl run that a run's own trl flags may change (--save_total_limit 5).
+TRL_DEFAULTS = {"save_strategy": "steps", "save_total_limit": 2,  # a 7B full checkpoint with optimizer state is
+                "eval_strategy": "no"}                             # ~100 GB: keep two; "steps" when there is eval data
 
 
 def dpo_args(cfg, *, log=None):
-    """trl's ``DPOConfig`` from our settings (bf16 ``auto`` resolved, report_to checked, no truncation), plus any
-    other trl field the run was given (``cfg.trl``)."""
+    """trl's ``DPOConfig``, built once: every setting of ``cfg`` that is a DPOConfig field, by name; bf16
+    ``auto``, ``report_to`` and gradient checkpointing resolved; the run's other trl flags (``cfg.trl``) over
+    spa-vl's defaults; no truncation by trl (``max_length``: over-long pairs were dropped). trl refusing the
+    combination is a DataError."""
     import torch
     from transformers.integrations.integration_utils import (
         is_tensorboard_available,
@@ -78,27 +72,20 @@ def dpo_args(cfg, *, log=None):
     log = log or _stderr
     bf16 = cfg.bf16
     if bf16 == "auto":
-        bf16 = bool(not cfg.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        bf16 = (not cfg.use_cpu and not cfg.trl.get("fp16") and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported())
     report_to = cfg.report_to
     available = {"tensorboard": is_tensorboard_available, "trackio": is_trackio_available}
     if report_to in available and not available[report_to]():
         log(f"report_to: {report_to} is not installed (pip install {report_to}); not reporting")
         report_to = "none"
-    ours = {name: getattr(cfg, name) for name in TRL_NAMES}
-    return DPOConfig(
-        **ours,
-        output_dir=str(cfg.output_dir),
-        bf16=bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
-        save_strategy="steps",
-        save_total_limit=2,  # a 7B full checkpoint with optimizer state is ~100 GB: keep the last two
-        eval_strategy="no",  # set to "steps" by make_trainer when there is an eval split
-        report_to=report_to,
-        max_length=None,  # over-long pairs were dropped by prepare_preferences: trl must not truncate
-        precompute_ref_log_probs=False,  # not supported for vision datasets
-        remove_unused_columns=False,  # keep `images` for the collator
-        **cfg.trl,
-    )
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in trl_fields()}
+    resolved = {"bf16": bf16, "report_to": report_to, "activation_checkpointing": cfg.gradient_checkpointing}
+    fixed = {"max_length": None} | {name: value for name, (value, _) in TRL_FIXED.items()}
+    try:
+        return DPOConfig(**(shared | resolved | TRL_DEFAULTS | cfg.trl | fixed))
+    except (ValueError, TypeError) as e:
+        raise DataError(f"trl.DPOConfig refused the settings: {e}"[:800]) from None
 
 
 def train_dpo(cfg, *, log=None, callbacks=None) -> TrainResult:
@@ -121,7 +108,7 @@ def train_dpo(cfg, *, log=None, callbacks=None) -> TrainResult:
     ref_model = None
     if not cfg.lora:
         # The frozen reference: a second copy (bf16 when training in bf16 mixed precision: forward only).
-        dtype = resolve_dtype(cfg.torch_dtype, use_cpu=cfg.use_cpu)
+        dtype = resolve_dtype(cfg.torch_dtype, device=default_device(cfg.use_cpu))
         ref_dtype = torch.bfloat16 if args.bf16 and dtype == torch.float32 else dtype
         ref_model, _ = load_vlm(cfg.model, dtype=ref_dtype, use_cpu=cfg.use_cpu,
                                 attn_implementation=cfg.attn_implementation)
@@ -138,13 +125,13 @@ def train_dpo(cfg, *, log=None, callbacks=None) -> TrainResult:
     samples = trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     if args.max_steps <= 0:  # whole epochs: the last batch of each may be short
         samples = min(samples, len(train_ds) * math.ceil(args.num_train_epochs))
-    result = TrainResult(kind="dpo", output_dir=str(args.output_dir), steps=int(trainer.state.global_step),
-                         samples=int(samples), seconds=time.perf_counter() - start, metrics=metrics,
-                         dropped=report.dropped)
+    result = TrainResult(kind="dpo", output_dir=str(args.output_dir), steps=trainer.state.global_step,
+                         samples=samples, seconds=time.perf_counter() - start, metrics=metrics, dropped=report.dropped)
     if trainer.is_world_process_zero():
         processor.save_pretrained(args.output_dir)
-        write_model_card(args.output_dir, cfg, result, base_model=adapter_base(cfg.model), pairs=report.kept)
-        write_summary(Path(args.output_dir), cfg, result, report, processes=world)
+        write_model_card(args.output_dir, cfg, result, pairs=report.kept)
+        write_record(args.output_dir, cfg, result, processes=world, data={
+            "rows": report.rows, "kept": report.kept, "dropped": report.dropped, "max_length": report.max_length})
     return result
 
 
@@ -173,7 +160,7 @@ def make_trainer(cfg, args, model, processor, train_ds, eval_ds=None, *, ref_mod
     from trl import DPOTrainer
 
     log = log or _stderr
-    if eval_ds is not None:
+    if eval_ds is not None and "eval_strategy" not in cfg.trl:  # a run's own --eval_strategy stands
         args.eval_strategy = IntervalStrategy.STEPS
     if args.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         log(f"gradient checkpointing: not supported by {type(model).__name__}; off")
@@ -200,35 +187,6 @@ def make_trainer(cfg, args, model, processor, train_ds, eval_ds=None, *, ref_mod
         f"{trainable_summary(trainer.model)}; {batch} pairs per optimizer step ({args.per_device_train_batch_size} "
         f"x {args.gradient_accumulation_steps} accumulation x {args.world_size} processes)")
     return trainer
-
-
-def upcast_trainable(model) -> int:
-    """Trainable parameters held in bf16/fp16 → float32 in place (the optimizer, made later, sees fp32)."""
-    import torch
-
-    n = 0
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-            n += 1
-    return n
-
-
-def write_summary(output_dir: Path, cfg, result: TrainResult, report, *, processes: int = 1) -> Path:
-    """``output_dir/spa_vl_train.json``: the resolved settings (nothing secret-looking) and the result."""
-    safe = {k: v for k, v in cfg.to_dict().items() if not any(h in k.lower() for h in SECRET_HINTS)}
-    payload = {
-        "kind": "dpo",
-        "config": safe,
-        "data": {"rows": report.rows, "kept": report.kept, "dropped": report.dropped, "max_length": report.max_length},
-        "processes": processes,
-        "result": {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 3),
-                   "metrics": result.metrics, "dropped": result.dropped},
-    }
-    path = Path(output_dir) / SUMMARY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
 
 
 def eval_pairs(cfg, processor, log):

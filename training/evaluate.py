@@ -7,7 +7,8 @@
 
 1. **Answers.** The model (a Hub id, a local folder, or a PEFT LoRA adapter folder whose
    ``adapter_config.json`` names its base model) answers every question of ``test/harm`` and
-   ``test/help`` with the image, through its own chat template, greedily, in left-padded batches.
+   ``test/help`` with the image, through its own chat template, greedily, in left-padded batches
+   (:class:`builder.vlm.local.LocalVLM`, the pipeline's local backend).
    Each finished batch is appended to ``OUT/answers.jsonl`` (``{"id", "split", "answer", "model"}``,
    flushed and fsynced), so an interrupted run resumes where it stopped and a re-run generates nothing.
 2. **Reference.** HelpEval is a win rate against a reference, one of: a model entry of the judge file
@@ -44,8 +45,6 @@ reference) raises :class:`builder.errors.DataError` naming the file or option, b
 from __future__ import annotations
 
 import asyncio
-import gc
-import hashlib
 import io
 import json
 import os
@@ -54,10 +53,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
+from builder.files import file_digest
 from builder.generate.llm import RequestCache
+from builder.vlm.chat import prompt_messages
+from builder.vlm.local import LocalVLM
 from training.judge_config import JudgeConfig, load_judge_config
 from training.judges import JudgeRouter, judge_all
 from training.metrics import cost, failure_check, harm_metrics, help_metrics
@@ -135,7 +138,7 @@ def load_test_rows(dataset: str, *, limit: int | None = None, domains: list[str]
     keep = _domain_labels(domains, out, dataset)
     for split in SPLITS:
         rows = [r for r in out[split] if keep is None or r["class1"] in keep]
-        out[split] = rows if limit is None else rows[: max(0, int(limit))]
+        out[split] = rows if limit is None else rows[:limit]
     return out
 
 
@@ -174,61 +177,6 @@ def read_answers(path: Path, model: str | None = None) -> dict[tuple[str, str], 
     return out
 
 
-class Generator:
-    """A VLM that answers (question, image) pairs in left-padded batches, greedily, its prompts encoded by
-    ``builder.vlm.chat`` exactly as DPO, the reward model and PPO encode them (LLaVA: BOS, no EOS)."""
-
-    def __init__(self, model: str, *, device: str | None = None, role: str = "model"):
-        import torch
-
-        from builder.vlm.chat import ChatFormat
-        from training.models import load_vlm
-
-        self.torch = torch
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        on_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else torch.float32
-        net, self.processor = load_vlm(model, dtype=dtype, device_map=device, field=role)
-        if hasattr(net, "merge_and_unload"):  # a LoRA adapter: merged for faster generation
-            net = net.merge_and_unload()
-        self.model = net.eval()
-        self.dtype = dtype
-        try:
-            self.chat = ChatFormat(self.processor)
-        except DataError as e:
-            raise DataError(e.message, file=str(model), field=role) from None
-        self.tokenizer = self.chat.tokenizer
-
-    def encode(self, questions: list[str], images: list[bytes]):
-        """The model inputs of a batch of questions with their (encoded) images."""
-        from PIL import Image
-
-        from builder.vlm.chat import prompt_messages
-
-        pil = [[Image.open(io.BytesIO(b))] for b in images]
-        inputs = self.chat.prompt_inputs([prompt_messages(q) for q in questions], pil)
-        device = self.model.device
-        return {k: v.to(device, self.dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
-
-    def answer(self, questions: list[str], images: list[bytes], *, max_new_tokens: int) -> list[str]:
-        inputs = self.encode(questions, images)
-        with self.torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                      top_p=None, top_k=None, pad_token_id=self.tokenizer.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-    def close(self) -> None:
-        del self.model
-        gc.collect()
-        if self.torch.cuda.is_available():
-            self.torch.cuda.empty_cache()
-
-
-def load_generator(model: str, *, device: str | None = None, role: str = "model") -> Generator:
-    return Generator(model, device=device, role=role)
-
-
 def generate_answers(model: str, rows: dict[str, list[dict]], path: Path, *, batch_size: int = 8,
                      max_new_tokens: int = 256, device: str | None = None, progress: bool = True,
                      role: str = "model") -> dict[tuple[str, str], str]:
@@ -247,15 +195,16 @@ def generate_answers(model: str, rows: dict[str, list[dict]], path: Path, *, bat
     if not todo:
         return done
     total = len(todo) + sum(1 for split, split_rows in rows.items() for r in split_rows if (split, r["id"]) in done)
-    gen = load_generator(model, device=device, role=role)
+    vlm = LocalVLM(model, device=device, role=role)  # its own, not the pipeline's shared one: closed at the end
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(path, "a", encoding="utf-8") as f, tqdm(total=total, initial=total - len(todo), unit="row",
                                                             desc=f"{role} answers", disable=not progress) as bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                texts = gen.answer([r["question"] for _, r in batch], [r["image"] for _, r in batch],
-                                   max_new_tokens=max_new_tokens)
+                texts = vlm.generate_batch([prompt_messages(r["question"]) for _, r in batch],
+                                           [[Image.open(io.BytesIO(r["image"]))] for _, r in batch],
+                                           max_new_tokens=max_new_tokens)
                 f.write("".join(json.dumps({"id": r["id"], "split": split, "answer": t, "model": label},
                                            ensure_ascii=False) + "\n" for (split, r), t in zip(batch, texts)))
                 f.flush()
@@ -263,7 +212,7 @@ def generate_answers(model: str, rows: dict[str, list[dict]], path: Path, *, bat
                 done.update({(split, r["id"]): t for (split, r), t in zip(batch, texts)})
                 bar.update(len(batch))
     finally:
-        gen.close()
+        vlm.close()
     return done
 
 
@@ -326,7 +275,7 @@ def dataset_revision(dataset: str) -> dict:
     if os.path.isdir(dataset):
         manifest = Path(dataset) / "manifest.json"
         if manifest.is_file():
-            return {"kind": "manifest_sha256", "value": hashlib.sha256(manifest.read_bytes()).hexdigest()}
+            return {"kind": "manifest_sha256", "value": file_digest(manifest)}
         return {"kind": "none", "value": None}  # a folder without a manifest (the upstream layout)
     try:
         from huggingface_hub import HfApi
@@ -391,7 +340,7 @@ def evaluate(model: str, dataset: str, judge: str | Path, out: str | Path, *, re
     domains = check_options(limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, seed=seed,
                             max_failure_rate=max_failure_rate, domains=domains, progress=progress)
     cfg = load_judge_config(judge)
-    max_failure_rate = cfg.max_failure_rate if max_failure_rate is None else float(max_failure_rate)
+    max_failure_rate = cfg.max_failure_rate if max_failure_rate is None else max_failure_rate
     reference = _pick_reference(cfg, reference)
     rows = load_test_rows(dataset, limit=limit, domains=domains)
     if reference.endswith(".jsonl") and not cfg.reference_entry(reference):  # bad input before any model loads

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
-
-from builder.generate.config import _expand
 from builder.errors import DataError
 from builder.generate.llm import TRANSPORT_PARAMS, ModelSpec
+from builder.settings import expand_env, load_mapping
 from training.judge_formats import HARM_FORMATS, HarmFormat
 
 PROMPTS = Path(__file__).with_name("prompts")
@@ -113,16 +111,11 @@ def _near(base: Path, value: str) -> str:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"not valid YAML: {e}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise DataError("the judge config must be a YAML mapping", file=str(path))
+    data = load_mapping(path, what="a judge config")
     for key in data:
         if key not in JUDGE_DEFAULTS:
             raise DataError(f"unknown key; expected one of {sorted(JUDGE_DEFAULTS)}", file=str(path), field=str(key))
-    return {**JUDGE_DEFAULTS, **_expand(data)}
+    return {**JUDGE_DEFAULTS, **expand_env(data)}
 
 
 def _models(raw: dict, base: Path, file: str) -> dict[str, ModelSpec]:

@@ -1,6 +1,6 @@
-"""Load a VLM for training in the paper's setup: vision tower frozen, projector trained, LoRA or full LM.
+"""A loaded VLM in the paper's training setup: vision tower frozen, projector trained, LoRA or full LM.
 
-    model, processor = load_vlm("llava-hf/llava-1.5-7b-hf", dtype="auto")  # processor: builder.vlm.chat.load_processor
+    model, processor = load_vlm("llava-hf/llava-1.5-7b-hf", dtype="auto")  # builder.vlm.loading
     parts = vlm_parts(model)                 # vision tower, projector, language model (any family)
     model = apply_training_mode(model, cfg)  # freeze / LoRA as the settings say; returns a PeftModel with LoRA
 
@@ -11,9 +11,7 @@ Qwen2.5-VL: ``visual`` with its ``merger`` as the projector, ``language_model``)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -55,60 +53,6 @@ def vlm_parts(model: torch.nn.Module) -> VLMParts:
         raise DataError(f"cannot find the language model inside {type(base).__name__} (looked for {LM_NAMES})",
                         field="model")
     return VLMParts(vision, projector, lm, vision_name, projector_name, lm_name)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, *, use_cpu: bool = False) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        if not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    try:
-        return getattr(torch, str(dtype))
-    except AttributeError:
-        raise DataError(f"unknown torch dtype {dtype!r}", field="torch_dtype") from None
-
-
-def is_adapter(path: str) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def load_vlm(path: str, *, dtype="auto", use_cpu: bool = False, attn_implementation: str | None = None,
-             trainable_adapter: bool = False, device_map=None, field: str = "model"):
-    """Model and processor from a Hub id or folder; a LoRA adapter folder loads its base model first
-    (the model is then a ``PeftModel``). Errors name the folder and ``field``."""
-    from transformers import AutoModelForImageTextToText
-
-    from builder.vlm.chat import load_processor
-
-    kwargs = {"dtype": resolve_dtype(dtype, use_cpu=use_cpu)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    base_path = path
-    if is_adapter(path):
-        adapter_cfg = Path(path) / "adapter_config.json"
-        try:
-            base_path = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
-        except ValueError:
-            raise DataError("not valid JSON", file=str(adapter_cfg)) from None
-        if not base_path:
-            raise DataError("the adapter does not name its base model", file=str(adapter_cfg),
-                            field="base_model_name_or_path")
-    own_processor = any((Path(path) / n).is_file() for n in ("processor_config.json", "preprocessor_config.json"))
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
-        processor = load_processor(path if own_processor else base_path, field=field)
-        if base_path != path:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot load the model as an image-text-to-text model: {e}"[:800], file=str(path),
-                        field=field) from None
-    return model, processor
 
 
 def lora_target_modules(model: torch.nn.Module) -> list[str]:
@@ -164,6 +108,17 @@ def apply_training_mode(model: torch.nn.Module, cfg, *, add_lora: bool = True) -
         for p in parts.projector.parameters():
             p.requires_grad_(cfg.train_projector)
     return model
+
+
+def upcast_trainable(model: torch.nn.Module) -> int:
+    """Trainable parameters held in bf16/fp16 → float32 in place, before the optimizer is made: under bf16
+    autocast they are the master weights, and AdamW steps of 1e-6..3e-5 are below bf16's resolution."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    return n
 
 
 def trainable_summary(model: torch.nn.Module) -> str:

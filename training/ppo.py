@@ -40,9 +40,10 @@ from torch import nn
 
 from builder.errors import DataError
 from builder.vlm.chat import ChatFormat, prompt_messages
-from training.config import TrainResult
+from builder.vlm.loading import default_device, resolve_dtype
+from training.config import TrainResult, step_count
 from training.data import rows_for
-from training.models import resolve_dtype, trainable_summary
+from training.models import trainable_summary
 from training.ppo_core import (
     advantages_and_returns,
     at_positions,
@@ -160,8 +161,8 @@ class PPOTrainer:
         self.iterations = cfg.max_steps if cfg.max_steps > 0 else \
             math.ceil(len(self.prompts) * cfg.num_train_epochs / cfg.rollout_batch_size)
         updates = self.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.mini_batch_size)
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                       num_training_steps=updates)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_training_steps=updates,
+                                       num_warmup_steps=step_count(cfg.warmup_steps, updates))
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.reward_model.to(self.accelerator.device)
         if self.reference is not None:
@@ -176,7 +177,8 @@ class PPOTrainer:
         self.reference = None
         if not cfg.lora:
             # A copy in the dtype it was loaded in (the policy's trainable weights may have been upcast).
-            self.reference = copy.deepcopy(policy).to(resolve_dtype(cfg.torch_dtype, use_cpu=cfg.use_cpu))
+            dtype = resolve_dtype(cfg.torch_dtype, device=default_device(cfg.use_cpu))
+            self.reference = copy.deepcopy(policy).to(dtype)
             self.reference.requires_grad_(False).eval()
         self.reward_model = VLMRewardModel.from_pretrained(cfg.reward_model, **load)
         value = VLMRewardModel.from_pretrained(cfg.reward_model, train_cfg=cfg, **load)
@@ -338,6 +340,8 @@ class PPOTrainer:
                  f"per {cfg.mini_batch_size} sequences ({self.plan['forward']} per forward x "
                  f"{self.plan['accumulation']} accumulation x {accelerator.num_processes} processes)")
         metrics, samples = {}, 0
+        log_every, save_every = (step_count(getattr(cfg, name), self.iterations)
+                                 for name in ("logging_steps", "save_steps"))
         for iteration in range(1, self.iterations + 1):
             rollout = self.rollout(self.next_prompts())
             stats = self.update(rollout)
@@ -346,11 +350,11 @@ class PPOTrainer:
             metrics = {"reward": reward, "kl": kl, **stats, "response_length": length, "eos_rate": eos_rate,
                        "lr": self.scheduler.get_last_lr()[0]}
             samples += cfg.rollout_batch_size
-            if iteration % cfg.logging_steps == 0 or iteration in (1, self.iterations):
+            if iteration % log_every == 0 or iteration in (1, self.iterations):
                 self.say(f"ppo iteration {iteration}/{self.iterations}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in metrics.items()))
             accelerator.log({f"ppo/{k}": v for k, v in metrics.items()}, step=iteration)
-            if cfg.save_steps and iteration < self.iterations and iteration % cfg.save_steps == 0:
+            if save_every and iteration < self.iterations and iteration % save_every == 0:
                 save_run(accelerator, cfg, self._write, folder=f"{cfg.output_dir}/checkpoint-{iteration}")
         result = TrainResult(kind="ppo", output_dir=str(cfg.output_dir), steps=self.iterations, samples=samples,
                              seconds=time.time() - started, dropped=self.dropped,

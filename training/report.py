@@ -9,17 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from builder.files import atomic_write
 
 
 def _order(labels, rank: dict[str, int]) -> list[str]:
@@ -172,7 +164,7 @@ def summary_line(m: dict) -> str:
 
 def write_outputs(out: Path, m: dict, judgments: list[dict], category_domain: dict[str, str]) -> None:
     """judgments.jsonl, metrics.md, metrics_by_category.png and metrics.json (last), each swapped into place."""
-    write_atomic(out / "judgments.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judgments))
-    write_atomic(out / "metrics.md", metrics_markdown(m, category_domain))
-    write_atomic(out / "metrics_by_category.png", metrics_plot(m))
-    write_atomic(out / "metrics.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(out / "judgments.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judgments))
+    atomic_write(out / "metrics.md", metrics_markdown(m, category_domain))
+    atomic_write(out / "metrics_by_category.png", metrics_plot(m))
+    atomic_write(out / "metrics.json", json.dumps(m, indent=2, ensure_ascii=False) + "\n")

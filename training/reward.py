@@ -31,9 +31,10 @@ from torch import nn
 
 from builder.errors import DataError
 from builder.vlm.chat import ChatFormat
-from training.config import TrainResult
+from builder.vlm.loading import load_vlm
+from training.config import TrainResult, step_count
 from training.data import prepare_preferences, rows_for
-from training.models import apply_training_mode, load_vlm, trainable_summary
+from training.models import apply_training_mode, trainable_summary, upcast_trainable
 from training.run import make_accelerator, mixed_precision, save_run
 
 HEAD_FILE = "value_head.safetensors"
@@ -129,12 +130,8 @@ def load_backbone(path: str, cfg=None, *, dtype="auto", use_cpu: bool = False, a
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model = apply_training_mode(model, cfg)
-    if mixed_precision(cfg) == "bf16":
-        # Under bf16 autocast, trainable bf16 weights (a full LM, the projector copy) become float32
-        # master weights: AdamW steps of 1e-6..3e-5 are below bf16's resolution and would be lost.
-        for p in model.parameters():
-            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-                p.data = p.data.float()
+    if mixed_precision(cfg) == "bf16":  # trainable bf16 weights (a full LM, the projector copy) → float32 masters
+        upcast_trainable(model)
     if cfg.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
@@ -195,8 +192,8 @@ def train_rm(cfg, *, log=None) -> TrainResult:
         eval_loader = accelerator.prepare(eval_loader)
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer.optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer.optimizer,
+                              num_warmup_steps=step_count(cfg.warmup_steps, total), num_training_steps=total)
     say(f"rm: {report.kept:,} pairs, {total} optimizer steps of {cfg.per_device_train_batch_size} pairs × "
         f"{cfg.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes")
     write = partial(_write_rm, processor=processor)
@@ -244,6 +241,7 @@ def _train_loop(cfg, model, optimizer, scheduler, loader, eval_loader, accelerat
     """``total`` optimizer steps over the loader (again from the start as often as needed): (steps, samples,
     the last logged metrics)."""
     step, samples, window, metrics = 0, 0, [], {}
+    every = {name: step_count(getattr(cfg, name), total) for name in ("logging_steps", "eval_steps", "save_steps")}
     model.train()
     while step < total:
         for batch in loader:
@@ -262,17 +260,17 @@ def _train_loop(cfg, model, optimizer, scheduler, loader, eval_loader, accelerat
                 continue
             scheduler.step()
             step += 1
-            if step % cfg.logging_steps == 0 or step == total:
+            if step % every["logging_steps"] == 0 or step == total:
                 loss_mean, acc_mean = accelerator.reduce(torch.stack(window).mean(0), "mean").tolist()
                 metrics = {"loss": loss_mean, "accuracy": acc_mean, "lr": scheduler.get_last_lr()[0]}
                 window = []
                 say(f"rm step {step}/{total}: loss {loss_mean:.4f}, accuracy {acc_mean:.3f}, lr {metrics['lr']:.3g}")
                 accelerator.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
-            if eval_loader is not None and cfg.eval_steps and step < total and step % cfg.eval_steps == 0:
+            if eval_loader is not None and every["eval_steps"] and step < total and step % every["eval_steps"] == 0:
                 scores = evaluate_rm(model, eval_loader, accelerator)
                 say(f"rm step {step}: eval accuracy {scores['eval_accuracy']:.3f}, eval loss {scores['eval_loss']:.4f}")
                 accelerator.log({f"eval/{k.removeprefix('eval_')}": v for k, v in scores.items()}, step=step)
-            if cfg.save_steps and step < total and step % cfg.save_steps == 0:
+            if every["save_steps"] and step < total and step % every["save_steps"] == 0:
                 save_run(accelerator, cfg, partial(write, accelerator.unwrap_model(model)),
                          folder=Path(cfg.output_dir) / f"checkpoint-{step}")
             if step >= total:

@@ -3,6 +3,7 @@ main process, and the atomic save of model, run record (``spa_vl_train.json``) a
 
     accelerator, say = make_accelerator(cfg, log)      # say(): stderr (or ``log``), main process only
     save_run(accelerator, cfg, write, result)           # write(folder) writes the model files
+    write_record(folder, cfg, result, processes=2)      # spa_vl_train.json alone (DPO: trl saves the model)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from training.card import adapter_base, write_model_card
+from builder.files import atomic_write, swap_into_place, sweep_stale, temp_sibling
+from training.card import write_model_card
 
 RECORD_FILE = "spa_vl_train.json"
 SECRET_HINTS = ("token", "secret", "password", "api_key")  # never written to the record
@@ -60,10 +62,10 @@ def save_run(accelerator, cfg, write, result=None, *, folder=None, pairs: int | 
     """Write the run's model with ``write(folder)``, then ``spa_vl_train.json`` (main process only); with a
     ``result`` (the final save) also the model card, ``README.md``.
 
-    Files are written to a hidden temp folder inside ``output_dir`` and moved into place when all are
-    written, ``spa_vl_train.json`` last: its presence marks a complete save. The model files of an
-    earlier save there are removed first (a stale adapter_config.json would make a full model load as
-    an adapter); anything else (checkpoints, tracker logs) is kept.
+    Files are written to ``.OUT.tmp-PID`` beside the output folder (``builder.files``: a killed run's is swept
+    by the next) and moved into it when all are written, ``spa_vl_train.json`` last: its presence marks a
+    complete save. The model files of an earlier save there are removed first (a stale adapter_config.json
+    would make a full model load as an adapter); anything else (checkpoints, tracker logs) is kept.
     """
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -72,23 +74,37 @@ def save_run(accelerator, cfg, write, result=None, *, folder=None, pairs: int | 
         for old in out.iterdir():
             if old.is_file() and (old.name in STALE_FILES or old.name.startswith("model-")):
                 old.unlink()
-        tmp = out / f".partial-{os.getpid()}"
+        sweep_stale(out)
+        tmp = temp_sibling(out)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        write(tmp)
-        if result is not None:
-            write_model_card(tmp, cfg, result, base_model=adapter_base(cfg.model), pairs=pairs)
-        config = {k: v for k, v in cfg.to_dict().items() if not any(h in k.lower() for h in SECRET_HINTS)}
-        record = {"kind": cfg.kind, "config": config, "result": asdict(result) if result else None,
-                  "processes": accelerator.num_processes, "versions": _versions()}
-        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == RECORD_FILE):
-            dest = out / f.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(f, dest)
-        tmp.rmdir()
+        try:
+            write(tmp)
+            if result is not None:
+                write_model_card(tmp, cfg, result, pairs=pairs)
+            write_record(tmp, cfg, result, processes=accelerator.num_processes)
+            for f in sorted(tmp.iterdir(), key=lambda p: p.name == RECORD_FILE):
+                dest = out / f.name
+                if f.is_dir() or dest.is_dir():
+                    swap_into_place(f, dest)
+                else:
+                    os.replace(f, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def write_record(folder: Path, cfg, result=None, *, processes: int = 1, data: dict | None = None) -> Path:
+    """``folder/spa_vl_train.json``: the resolved settings (nothing secret-looking), the result, the number of
+    processes, the library versions and, for DPO, what became of the data (``data``)."""
+    config = {k: v for k, v in cfg.to_dict().items() if not any(h in k.lower() for h in SECRET_HINTS)}
+    record = {"kind": cfg.kind, "config": config, "result": asdict(result) if result else None,
+              "processes": processes, "versions": _versions()}
+    if data is not None:
+        record["data"] = data
+    path = Path(folder) / RECORD_FILE
+    atomic_write(path, json.dumps(record, indent=2, default=str) + "\n")
+    return path
 
 
 def _versions() -> dict:

@@ -23,10 +23,11 @@ class TextJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from builder.vlm.loading import default_device, resolve_dtype
+
         self.torch = torch
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        on_cuda = self.device.startswith("cuda")
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else torch.float32
+        self.device = device or default_device()
+        dtype = resolve_dtype("auto", device=self.device, training=False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=self.device).eval()
         self._first_tokens: dict[tuple[str, ...], list[list[int]]] = {}
