@@ -18,7 +18,8 @@ import yaml
 
 from builder.generate.config import _expand
 from builder.errors import DataError
-from builder.generate.llm import TRANSPORT_PARAMS, ModelSpec
+from builder.generate.model_spec import ModelSpec
+from builder.generate.router import TRANSPORT_PARAMS
 from training.judge_formats import HARM_FORMATS, HarmFormat
 
 PROMPTS = Path(__file__).with_name("prompts")

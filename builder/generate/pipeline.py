@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 from builder.generate import stages
 from builder.generate.config import PipelineConfig
 from builder.errors import DataError
-from builder.generate.llm import Meter, ModelRouter, RequestFailed, resolve_endpoints
+from builder.generate.model_spec import resolve_endpoints
+from builder.generate.outcomes import Meter, RequestFailed
+from builder.generate.router import ModelRouter
 from builder.generate.run_store import RunStore
 from builder.shipped import PIPELINE_CONFIGS
 

@@ -21,7 +21,9 @@ import signal
 import threading
 
 from builder.errors import DataError
-from builder.generate.llm import Endpoint, Meter, ModelRouter
+from builder.generate.model_spec import Endpoint
+from builder.generate.outcomes import Meter
+from builder.generate.router import ModelRouter
 from builder.generate.run_store import RunStore
 
 CHUNK_MAX = 32  # units per task: small chunks land often and leave little in flight
