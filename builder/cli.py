@@ -191,7 +191,8 @@ class CLI:
           until: the last stage to run: images, questions, responses or preferences.
           progress: show progress bars.
         """
-        from builder.generate.pipeline import generate, summary_line
+        from builder.generate.pipeline import generate
+        from builder.generate.summary import summary_line
 
         summary = generate(config, run_dir, executor=executor, limit=limit, until=until, progress=progress)
         print(summary_line(summary))

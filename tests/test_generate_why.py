@@ -13,7 +13,8 @@ from pipeline_doubles import pipeline_responder, write_config
 
 from builder.generate.build import NothingToBuild, build
 from builder.cli import main
-from builder.generate.pipeline import generate, summary_line
+from builder.generate.pipeline import generate
+from builder.generate.summary import summary_line
 from builder.generate.run_store import RunStore
 from builder.taxonomy import Taxonomy
 
