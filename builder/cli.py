@@ -217,7 +217,7 @@ class CLI:
           overwrite: replace an existing folder.
           progress: show a progress bar.
         """
-        from builder.generate.build import NothingToBuild, build
+        from builder.generate import NothingToBuild, build
 
         t0 = time.perf_counter()
         try:

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import yaml
 
-from builder.generate.config import _expand
+from builder.settings import expand_env as _expand
 from builder.errors import DataError
 
 KINDS = ("dpo", "rm", "ppo")

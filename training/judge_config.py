@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from builder.generate.config import _expand
+from builder.settings import expand_env as _expand
 from builder.errors import DataError
 from builder.generate.model_spec import ModelSpec
 from builder.generate.router import TRANSPORT_PARAMS

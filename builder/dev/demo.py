@@ -86,7 +86,7 @@ def run_pipeline_demo(out: Path, cache: Path, *, limit: int = 12) -> int:
     """The pipeline on the embedded defaults; returns the rows built."""
     from datasets import load_dataset
 
-    from builder.generate.build import build
+    from builder.generate import build
     from builder.generate.pipeline import generate
     from builder.generate.summary import summary_line
     from builder.shipped import PIPELINE_CONFIGS as SHIPPED
