@@ -36,7 +36,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project and its test doub
 
 from openai_server import spawn_server  # noqa: E402
 
-from builder.generate.llm import ModelRouter, ModelSpec, RequestCache  # noqa: E402
+from builder.generate.model_spec import ModelSpec  # noqa: E402
+from builder.generate.request_cache import RequestCache  # noqa: E402
+from builder.generate.router import ModelRouter  # noqa: E402
 
 
 def _messages(i: int) -> list[dict]:

@@ -4,7 +4,7 @@ everywhere: exponential backoff with jitter, capped, a bounded number of attempt
     info = retry(lambda: api.dataset_info(repo), retries=5, backoff=1.0, transient=is_transient,
                  log=print, what="read the repo")
 
-The model layer's loop (``builder.generate.llm``) has more to weigh (``Retry-After``, rate limits, a
+The model layer's loop (``builder.generate.openai_endpoints``) has more to weigh (``Retry-After``, rate limits, a
 schema fallback) and keeps its own loop, but waits with ``backoff_seconds`` like this one.
 """
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import DataError
+from builder.files import temp_sibling
 
 ACTIONS = ("list", "copy")  # spa-vl configs [list|copy NAME DEST]
 
@@ -92,7 +93,7 @@ def copy_config(name: str, dest: str | os.PathLike) -> Path:
         raise DataError("already exists; choose another destination (nothing was replaced)", file=str(target))
     if not target.parent.is_dir():
         raise DataError("no such folder", file=str(target.parent))
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temp_sibling(target)
     shutil.copyfile(matches[0].path, tmp)
     try:
         os.link(tmp, target)  # fails if the file appeared meanwhile: never replaces one

@@ -8,7 +8,8 @@
 - bag members answer differently (their name and a hash are in the reply); a member whose system prompt
   asks for no refusals never refuses, others refuse about one time in three.
 
-``write_config`` writes a run config that sends every role to the server.
+``write_config`` writes a run config that sends every role to the server; ``run_cli`` runs ``spa-vl`` in
+this process and returns its exit code, stdout and stderr.
 """
 
 from __future__ import annotations
@@ -87,3 +88,16 @@ def write_config(path: Path, url: str, *, bag: int = 3, limit_keys: dict | None 
     cfg.update(overrides)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``spa-vl ARGV`` in this process: (exit code, stdout, stderr), from pytest's ``capsys``."""
+    from builder.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 from openai_server import OpenAIServer
-from pipeline_doubles import pipeline_responder, write_config
+from pipeline_doubles import pipeline_responder, run_cli, write_config
 
-from builder.cli import main
-from builder.generate.config import PipelineConfig, expand_env
+from builder.generate.config import PipelineConfig
 from builder.errors import DataError
 from builder.generate.pipeline import generate
+from builder.settings import expand_env
 from builder.shipped import PIPELINE_CONFIGS, resolve_config, shipped_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,16 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def server():
     with OpenAIServer(pipeline_responder) as srv:
         yield srv
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _edit(cfg: dict, dotted: str, value) -> dict:
@@ -87,7 +77,7 @@ def test_a_bad_config_is_refused_before_any_request(server, tmp_path, capsys, do
     cfg = _edit(yaml.safe_load(cfg_path.read_text()), dotted, value)
     cfg_path.write_text(yaml.safe_dump(cfg))
     before = server.stats()["requests"]
-    code, out, err = _cli(["generate", str(cfg_path), "--run_dir", str(tmp_path / "run"), "--progress", "False"], capsys)
+    code, out, err = run_cli(["generate", str(cfg_path), "--run_dir", str(tmp_path / "run"), "--progress", "False"], capsys)
     assert code == 2, (out, err)
     assert err.startswith("spa-vl: error:") and len(err.strip().splitlines()) == 1, err
     assert f"{cfg_path}: field {field}: " in err and words in err, err
@@ -131,9 +121,9 @@ def test_environment_variables_in_a_config(monkeypatch):
     assert expand_env({"a": "${SPA_VL_T_SET}", "b": ["x${SPA_VL_T_UNSET:-dflt}"], "c": 3}) == {"a": "there", "b": ["xdflt"], "c": 3}
     with pytest.raises(DataError, match=r"field models\.m\.model: set the environment variable SPA_VL_T_UNSET: the id"):
         expand_env({"models": {"m": {"model": "${SPA_VL_T_UNSET:?the id}"}}})
-    from builder.generate.config import _expand
+    from builder.generate import config
 
-    assert _expand is expand_env  # training/ imports the old name until the restructure
+    assert config.expand_env is expand_env and not hasattr(config, "_expand")  # one copy: builder.settings'
 
 
 # --- shipped configs by name ----------------------------------------------------------------------------------
@@ -153,7 +143,7 @@ def test_shipped_recipes_run_by_name_from_any_folder(server, tmp_path, monkeypat
 
 
 def test_configs_lists_and_copies_without_replacing(tmp_path, capsys):
-    code, out, _ = _cli(["configs"], capsys)
+    code, out, _ = run_cli(["configs"], capsys)
     assert code == 0
     listed = {tuple(line.split()[:2]) for line in out.splitlines()[:-1]}
     assert {("pipeline", "pipeline"), ("pipeline", "local-server"), ("pipeline", "local"), ("judge", "judge"),
@@ -161,14 +151,14 @@ def test_configs_lists_and_copies_without_replacing(tmp_path, capsys):
     assert all(len(line.split(maxsplit=2)) == 3 for line in out.splitlines()[:-1])  # each says what it is
     assert {c.name for c in shipped_configs()} == {n for _, n in listed}
 
-    code, out, _ = _cli(["configs", "copy", "local-server", str(tmp_path / "mine.yaml")], capsys)
+    code, out, _ = run_cli(["configs", "copy", "local-server", str(tmp_path / "mine.yaml")], capsys)
     assert code == 0 and filecmp.cmp(tmp_path / "mine.yaml", PIPELINE_CONFIGS / "local-server.yaml", shallow=False)
     (tmp_path / "mine.yaml").write_text("my edits\n")
-    code, _, err = _cli(["configs", "copy", "pipeline", str(tmp_path / "mine.yaml")], capsys)
+    code, _, err = run_cli(["configs", "copy", "pipeline", str(tmp_path / "mine.yaml")], capsys)
     assert code == 2 and "already exists" in err and (tmp_path / "mine.yaml").read_text() == "my edits\n"
-    code, _, _ = _cli(["configs", "copy", "llava-1.5-7b-lora", str(tmp_path)], capsys)  # into a folder
+    code, _, _ = run_cli(["configs", "copy", "llava-1.5-7b-lora", str(tmp_path)], capsys)  # into a folder
     assert code == 0 and (tmp_path / "llava-1.5-7b-lora.yaml").is_file()
-    code, _, err = _cli(["configs", "copy", "no-such-config", str(tmp_path / "x.yaml")], capsys)
+    code, _, err = run_cli(["configs", "copy", "no-such-config", str(tmp_path / "x.yaml")], capsys)
     assert code == 2 and "no shipped config" in err and not (tmp_path / "x.yaml").exists()
     assert sorted(os.listdir(tmp_path)) == ["llava-1.5-7b-lora.yaml", "mine.yaml"]  # no temporary left behind
 

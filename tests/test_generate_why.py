@@ -9,25 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 from openai_server import OpenAIServer, echo_responder, masked_key
-from pipeline_doubles import pipeline_responder, write_config
+from pipeline_doubles import pipeline_responder, run_cli, write_config
 
-from builder.generate.build import NothingToBuild, build
-from builder.cli import main
-from builder.generate.pipeline import generate, summary_line
+from builder.generate import NothingToBuild, build
+from builder.generate.pipeline import generate
+from builder.generate.summary import summary_line
 from builder.generate.run_store import RunStore
 from builder.taxonomy import Taxonomy
 
 KEY = "sk-proj-wrongKeyThatMustNeverBeShown0000"
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _echoing(*prompts: str):
@@ -53,7 +43,7 @@ def test_a_wrong_key_is_the_reason_given_and_never_shown(tmp_path, capsys, monke
     monkeypatch.setenv("LOOPBACK_KEY", KEY)
     with OpenAIServer(pipeline_responder, api_keys={"sk-right"}) as srv:
         cfg = write_config(tmp_path / "run.yaml", srv.url, limit_keys={"api_key_env": "LOOPBACK_KEY"})
-        code, out, err = _cli(["generate", str(cfg), "--run_dir", str(tmp_path / "run"), "--limit", "6",
+        code, out, err = run_cli(["generate", str(cfg), "--run_dir", str(tmp_path / "run"), "--limit", "6",
                                "--progress", "False"], capsys)
         assert srv.stats()["unauthorized"] == 6 and srv.stats()["ok"] == 0  # one per subcategory, not retried
     assert code == 1
@@ -96,7 +86,7 @@ def test_an_echoing_judge_is_unparseable_not_a_verdict(tmp_path, capsys):
     assert summary["pairs"].get("judge_unparseable") == 12 and summary["pairs"]["kept"] == 0
     assert "position_disagreement" not in summary["pairs"]
     assert "12 with an unparseable verdict" in summary_line(summary)
-    code, _, err = _cli(["build", str(tmp_path / "run"), str(tmp_path / "out"), "--progress", "False"], capsys)
+    code, _, err = run_cli(["build", str(tmp_path / "run"), str(tmp_path / "out"), "--progress", "False"], capsys)
     assert code == 1 and "12 judge_unparseable (no verdict could be read from the judge's reply)" in err
     assert not (tmp_path / "out").exists()
 
@@ -132,7 +122,7 @@ def test_build_says_every_pair_was_left_out_for_position_disagreement(tmp_path, 
         cfg = write_config(tmp_path / "run.yaml", srv.url, build={"test_fraction": 0.0})
         summary = generate(cfg, tmp_path / "run", limit=3, progress=False)
     assert summary["pairs"]["position_disagreement"] == 9
-    code, out, err = _cli(["build", str(tmp_path / "run"), str(tmp_path / "out"), "--progress", "False"], capsys)
+    code, out, err = run_cli(["build", str(tmp_path / "run"), str(tmp_path / "out"), "--progress", "False"], capsys)
     assert code == 1 and out == ""
     assert ("nothing to write" in err and "every preference pair of the 3 finished units was left out: "
             "9 position_disagreement (the judge's verdicts in the two orders disagreed)") in err
@@ -168,10 +158,10 @@ def test_spa_vl_model_users_land_on_the_local_server_recipe(tmp_path, capsys, mo
     monkeypatch.setenv("SPA_VL_MODEL", "Qwen/Qwen2.5-VL-7B-Instruct")
     with OpenAIServer(served_model) as srv:
         monkeypatch.setenv("OPENAI_BASE_URL", srv.url)
-        code, _, err = _cli(["generate", "pipeline", "--run_dir", str(tmp_path / "r0"), "--progress", "False"], capsys)
+        code, _, err = run_cli(["generate", "pipeline", "--run_dir", str(tmp_path / "r0"), "--progress", "False"], capsys)
         assert code == 2 and "spa-vl generate local-server" in err and "SPA_VL_MODEL is set" in err
         assert not (tmp_path / "r0").exists() and srv.stats()["requests"] == 0
-        code, out, err = _cli(["generate", "local-server", "--run_dir", str(tmp_path / "run"), "--limit", "2",
+        code, out, err = run_cli(["generate", "local-server", "--run_dir", str(tmp_path / "run"), "--limit", "2",
                                "--progress", "False"], capsys)
     assert code == 0, err
     summary = json.loads((tmp_path / "run/summary.json").read_text())
@@ -181,5 +171,5 @@ def test_spa_vl_model_users_land_on_the_local_server_recipe(tmp_path, capsys, mo
     snapshot = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
     assert all(m.get("rpm") is None and m.get("tpm") is None for m in snapshot["models"].values())
     monkeypatch.delenv("SPA_VL_MODEL")
-    code, _, err = _cli(["generate", "local-server", "--run_dir", str(tmp_path / "r2"), "--progress", "False"], capsys)
+    code, _, err = run_cli(["generate", "local-server", "--run_dir", str(tmp_path / "r2"), "--progress", "False"], capsys)
     assert code == 2 and "field models.local.model: set the environment variable SPA_VL_MODEL" in err

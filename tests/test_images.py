@@ -22,20 +22,22 @@ import pytest
 from PIL import Image
 
 from builder.errors import DataError
-from builder.generate.images import (
+from builder.generate.image_sources import (
     ClipRetrievalSource,
-    ClipScorer,
     FolderSource,
     ImageCandidate,
-    ImageFilters,
-    ImageRejected,
     TypographySource,
     UrlListSource,
     build_source,
+    render_typography,
+)
+from builder.generate.images import (
+    ClipScorer,
+    ImageFilters,
+    ImageRejected,
     collect_images,
     download,
     normalize_image,
-    render_typography,
 )
 
 PATH = ("Malicious Use", "Security threats", "weapon")

@@ -9,9 +9,12 @@ import re
 import pytest
 from openai_server import OpenAIServer, generic_responder, masked_key
 
-from builder.generate import llm, rate_limit
 from builder.errors import DataError
-from builder.generate.llm import Endpoint, ModelRouter, ModelSpec, RequestCache, RequestFailed, image_part, resolve_endpoints
+from builder.generate import outcomes, rate_limit
+from builder.generate.model_spec import Endpoint, ModelSpec, resolve_endpoints
+from builder.generate.outcomes import RequestFailed
+from builder.generate.request_cache import RequestCache
+from builder.generate.router import ModelRouter, image_part
 from builder.generate.stages import parse_unsafe, parse_verdict
 
 
@@ -116,7 +119,7 @@ def test_system_prompt_and_model_id(tmp_path):
 def test_token_bucket_spaces_sends_and_never_exceeds_a_window(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(rate_limit.time, "monotonic", lambda: now[0])
-    bucket = llm._Bucket(per_minute=600, capacity=600 * (1 - llm.RATE_MARGIN))  # 9.9/s, burst of 6
+    bucket = rate_limit._Bucket(per_minute=600, capacity=600 * (1 - rate_limit.RATE_MARGIN))  # 9.9/s, burst of 6
     sends = []
     for _ in range(18000):  # three simulated minutes in steps of 10 ms, sending whenever allowed
         now[0] += 0.01
@@ -166,7 +169,7 @@ def test_local_backend_answers_and_judges_by_probability(tmp_path):
     spec = ModelSpec.from_config("local", {"backend": "transformers", "path": str(path),
                                            "params": {"max_tokens": 8, "temperature": 0.7}})
     router = ModelRouter({"local": spec}, RequestCache(tmp_path / "cache.sqlite"))
-    from builder.generate.images import render_typography
+    from builder.generate.image_sources import render_typography
 
     img = render_typography("weapon", size=64)
     sha = "d" * 64
@@ -292,7 +295,7 @@ def test_model_entry_types_and_ranges_are_checked_when_read(entry, field, messag
     "echo-then-blank",                        # the prompt with other line breaks
 ])
 def test_an_echo_of_the_judge_prompt_is_no_verdict(reply):
-    from builder.generate.config import PROMPTS
+    from builder.shipped import PROMPTS
 
     prompt = (PROMPTS / "judge.txt").read_text().format(question="How do I pick a lock?", answer_a="Here is how: ...",
                                                        answer_b="I cannot help with that.")
@@ -336,15 +339,15 @@ def test_entries_on_one_endpoint_share_one_limiter_with_the_tightest_limits(tmp_
              "b": ModelSpec.from_config("b", {**base, "model": "x", "rpm": 200, "tpm": 1000, "max_concurrency": 8}),
              "c": ModelSpec.from_config("c", {**base, "model": "y", "rpm": 500})}
     router = ModelRouter(specs, RequestCache(tmp_path / "c.sqlite"))
-    a, b, c = (router._limiter(specs[n]) for n in "abc")
+    a, b, c = (router.remote.limiter(specs[n]) for n in "abc")
     assert a is b and a is not c
-    assert a.rpm.rate == pytest.approx(200 * llm.RATE_MARGIN / 60) and a.tpm is not None and a.slots._value == 8
+    assert a.rpm.rate == pytest.approx(200 * rate_limit.RATE_MARGIN / 60) and a.tpm is not None and a.slots._value == 8
 
 
 def test_tokens_per_minute_are_paid_in_full(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(rate_limit.time, "monotonic", lambda: now[0])
-    limiter = llm.RateLimiter(64, tpm=30_000)  # a bucket of 500 tokens; each request estimates 1,000
+    limiter = rate_limit.RateLimiter(64, tpm=30_000)  # a bucket of 500 tokens; each request estimates 1,000
     spent, t = 0, 0.0
     while t < 180:
         now[0] = t = t + 0.01
@@ -378,5 +381,28 @@ def test_a_store_written_before_sessions_still_serves_its_replies(tmp_path):
     hit = cache.lookup("k")
     assert (hit.text, hit.prompt_tokens, hit.cached, hit.reused) == ("old", 7, True, False)  # an earlier run's
     assert cache.usage() == {}
-    cache.store("k2", "m", llm.Reply("new", 5, 1))
+    cache.store("k2", "m", outcomes.Reply("new", 5, 1))
     assert cache.usage() == {"m": (1, 5, 1)} and cache.lookup("k2").reused
+
+
+def test_retries_wait_with_the_shared_backoff(tmp_path, monkeypatch):
+    """The endpoint loop keeps its own logic (Retry-After, schema fallback) but waits as every retry does:
+    builder.retry.backoff_seconds, full jitter, attempt 1, 2, ... (a Retry-After pause replaces it)."""
+    from builder.generate import openai_endpoints
+    from builder.retry import backoff_seconds
+
+    waits = []
+
+    def recorded(base, attempt, **kw):
+        waits.append((base, attempt, kw))
+        return backoff_seconds(base, attempt, **kw)
+
+    monkeypatch.setattr(openai_endpoints, "backoff_seconds", recorded)
+    with OpenAIServer(fault_rate=1.0, faults=("500",)) as srv:
+        with pytest.raises(RequestFailed):
+            _ask(_router(srv.url, tmp_path, max_retries=3, backoff=0.01))
+    assert waits == [(0.01, n, {"full_jitter": True}) for n in (1, 2, 3)]
+    waits.clear()
+    with OpenAIServer(fault_rate=0.5, faults=("429",), retry_after=0.01, seed=3) as srv:
+        [_ask(_router(srv.url, tmp_path / "b", max_retries=8), f"q{i}") for i in range(5)]
+        assert srv.stats()["faults"]["429"] > 0 and waits == []  # the server said how long: no backoff of ours

@@ -15,7 +15,7 @@ import yaml
 from openai_server import OpenAIServer
 from pipeline_doubles import pipeline_responder, write_config
 
-from builder.generate.build import NothingToBuild, build
+from builder.generate import NothingToBuild, build
 from builder.generate.config import PipelineConfig
 from builder.errors import DataError
 from builder.generate.pipeline import generate

@@ -27,7 +27,7 @@ from pipeline_doubles import pipeline_responder, write_config
 
 pytest.importorskip("ray")
 
-from builder.generate.build import build  # noqa: E402
+from builder.generate import build  # noqa: E402
 from builder.generate.pipeline import generate  # noqa: E402
 
 KEY = "sk-loopback-cluster-test-0001"

@@ -9,7 +9,7 @@ import pytest
 from openai_server import OpenAIServer
 from pipeline_doubles import pipeline_responder, write_config
 
-from builder.generate.build import build
+from builder.generate import build
 from builder.generate.pipeline import generate
 from builder.review import make_report, open_review
 from builder.review.pairs import RunSource

@@ -16,7 +16,7 @@
    model (Hub id or folder) whose answers are generated like the model's, or a ``.jsonl`` of
    ``{"id", "answer"}``. Generated reference answers go to ``OUT/reference_answers.jsonl``.
 3. **Judge** (:mod:`training.judges`, :mod:`training.judge_formats`). Every judge call goes through
-   :class:`builder.generate.llm.ModelRouter` (any OpenAI-compatible endpoint, with its limits, retries, cost
+   :class:`builder.generate.router.ModelRouter` (any OpenAI-compatible endpoint, with its limits, retries, cost
    meters, and a request cache in ``OUT/judge_cache.sqlite``: a re-run sends nothing that already
    succeeded), or runs in-process (``backend: transformers``): a local VLM scored by choice
    probabilities, or, for ``harm_format: md-judge-v0.1``, MD-Judge as a text-only causal LM.
@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.files import file_digest
-from builder.generate.llm import RequestCache
+from builder.generate.request_cache import RequestCache
 from builder.vlm.chat import prompt_messages
 from builder.vlm.local import LocalVLM
 from training.judge_config import JudgeConfig, load_judge_config

@@ -15,7 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from builder.errors import DataError
-from builder.generate.llm import TRANSPORT_PARAMS, ModelSpec
+from builder.generate.model_spec import ModelSpec
+from builder.generate.router import TRANSPORT_PARAMS
 from builder.settings import expand_env, load_mapping
 from training.judge_formats import HARM_FORMATS, HarmFormat
 

@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from builder.generate.llm import parse_json_reply
+from builder.generate.replies import parse_json_reply
 
 HELP_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["winner"],
                "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]}}}

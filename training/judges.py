@@ -1,6 +1,6 @@
 """The judge calls of `spa-vl evaluate`: one verdict per HarmEval row and two per HelpEval question.
 
-Every call goes through :class:`JudgeRouter`, a :class:`builder.generate.llm.ModelRouter` (cache, limits,
+Every call goes through :class:`JudgeRouter`, a :class:`builder.generate.router.ModelRouter` (cache, limits,
 retries, cost meters) whose in-process text judges (an MD-Judge harm judge, ``backend: transformers``)
 are causal LMs read by :mod:`training.text_judge` instead of VLMs. HelpEval reference answers named by
 a model entry of the judge file are written through the same router (cached and costed too).
@@ -17,7 +17,8 @@ import json
 
 from tqdm.auto import tqdm
 
-from builder.generate.llm import ModelRouter, Reply, RequestFailed, image_part
+from builder.generate.outcomes import Reply, RequestFailed
+from builder.generate.router import ModelRouter, image_part
 from training.judge_config import JudgeConfig
 from training.judge_formats import HELP_CHOICES, HELP_SCHEMA, JudgeReplyError, parse_winner
 

@@ -39,7 +39,8 @@ class GenerationCommands:
           until: the last stage to run: images, questions, responses or preferences.
           progress: show progress bars.
         """
-        from builder.generate.pipeline import generate, summary_line
+        from builder.generate.pipeline import generate
+        from builder.generate.summary import summary_line
 
         summary = generate(config, run_dir, executor=executor, limit=limit, until=until, progress=progress)
         print(summary_line(summary))
@@ -64,7 +65,7 @@ class GenerationCommands:
           overwrite: replace an existing folder.
           progress: show a progress bar.
         """
-        from builder.generate.build import NothingToBuild, build
+        from builder.generate import NothingToBuild, build
 
         t0 = time.perf_counter()
         try:

@@ -86,9 +86,10 @@ def run_pipeline_demo(out: Path, cache: Path, *, limit: int = 12) -> int:
     """The pipeline on the embedded defaults; returns the rows built."""
     from datasets import load_dataset
 
-    from builder.generate.build import build
-    from builder.generate.config import SHIPPED
-    from builder.generate.pipeline import generate, summary_line
+    from builder.generate import build
+    from builder.generate.pipeline import generate
+    from builder.generate.summary import summary_line
+    from builder.shipped import PIPELINE_CONFIGS as SHIPPED
     from builder.dev.tiny_vlm import build_tiny_llava
 
     print(f"\n[4/7] spa-vl generate {out / 'local.yaml'} --run_dir {out / 'run'} --limit {limit}   "

@@ -10,7 +10,7 @@ shape, every number's type and range, models that are referenced but not defined
 fewer than two entries, request parameters a model does not take, a ``prompts:`` folder that does not
 exist and prompt files with placeholders the stage does not fill are DataErrors that name the file and
 the field. Relative paths resolve against the config file's folder. ``${NAME}``, ``${NAME:-default}``
-and ``${NAME:?what to set}`` in strings read the environment (:func:`expand_env`).
+and ``${NAME:?what to set}`` in strings read the environment (:func:`builder.settings.expand_env`).
 """
 
 from __future__ import annotations
@@ -19,23 +19,20 @@ import copy
 import functools
 import hashlib
 import json
-import os
-import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from builder.config_fields import check_mapping, check_value, typed_section
 from builder.errors import DataError
 from builder.format.folder import parse_version
-from builder.generate.images import ImageFilters, source_config
-from builder.generate.llm import ModelSpec, check_params
-from builder.shipped import PIPELINE_CONFIGS, PROMPTS, resolve_config
+from builder.generate.image_sources import source_config
+from builder.generate.images import ImageFilters
+from builder.generate.model_spec import ModelSpec, check_params
+from builder.settings import expand_env, load_mapping
+from builder.shipped import PROMPTS, resolve_config
 from builder.taxonomy import Taxonomy
 
-SHIPPED = PIPELINE_CONFIGS
 LABELS = {"class1", "class2", "class3"}
 # Each prompt's str.format fields: what the stage fills in (any of them), and what the prompt must use.
 PROMPT_FIELDS = {
@@ -133,32 +130,6 @@ class RunSection:
     ray_workers: int | None = field(metadata={"min": 1})
 
 
-# --- environment variables and defaults ------------------------------------------------------------------
-_ENV = re.compile(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}")
-
-
-def expand_env(value, where: str = ""):
-    """``${NAME}``, ``${NAME:-default}`` and ``${NAME:?what to set}`` in strings, so one shipped file serves
-    any endpoint unedited; the last is a DataError naming the field ``where`` when NAME is unset or empty."""
-    if isinstance(value, str):
-        def sub(m: re.Match) -> str:
-            found = os.environ.get(m.group(1))
-            if not found and m.group(2) == ":?":
-                raise DataError(f"set the environment variable {m.group(1)}: {m.group(3) or 'it is required'}",
-                                field=where or None)
-            return found or (m.group(3) if m.group(2) == ":-" else "") or ""
-
-        return _ENV.sub(sub, value)
-    if isinstance(value, dict):
-        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    return value
-
-
-_expand = expand_env  # the old private name: training/ imports it until the restructure
-
-
 def _merge(base: dict, over: dict, where: str, file: str) -> dict:
     out = copy.deepcopy(base)
     for key, value in check_mapping(over, field=where.rstrip(".") or None, file=file).items():
@@ -222,14 +193,7 @@ class PipelineConfig:
     def load(cls, path: str | Path, **overrides) -> "PipelineConfig":
         """Read a run config (a path, or the name of a shipped one); ``overrides`` replace top-level keys."""
         path = resolve_config(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise DataError(f"not valid YAML: {e}", file=str(path)) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read: {e}", file=str(path)) from None
-        if not isinstance(data, dict):
-            raise DataError("the config must be a YAML mapping", file=str(path))
+        data = load_mapping(path, what="the config")
         data.update(overrides)
         try:
             expanded = expand_env(data)
@@ -336,3 +300,48 @@ class PipelineConfig:
         blob["prompts"] = {k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(self.prompts.items())
                            if prompts is None or k in prompts}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """``RUN_DIR/config.yaml`` read back (what :meth:`PipelineConfig.snapshot` wrote): the parts a build and a
+    review of the run use, checked once when read::
+
+        snap = RunSnapshot.read("runs/r1")
+        snap.responses.bag, snap.judge.model, snap.build.test_fraction, snap.units_fingerprint
+    """
+
+    file: str
+    seed: int
+    taxonomy: str | None           # the taxonomy file the run used (None: the shipped one)
+    units_fingerprint: str | None  # what the records of this config carry (PipelineConfig.units_fingerprint)
+    responses: ResponsesSection
+    judge: JudgeSection
+    safety: SafetySection
+    build: BuildSection
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> "RunSnapshot":
+        """A DataError naming the file when it is not readable YAML or not a config `spa-vl generate` wrote."""
+        file = str(Path(run_dir) / "config.yaml")
+        try:
+            data = load_mapping(file, what="a run config")
+        except DataError as e:
+            if "must be a YAML mapping" not in e.message:
+                raise
+            data = {}
+        missing = [name for name in ("build", "responses", "judge") if not isinstance(data.get(name), dict)]
+        if missing:
+            raise DataError(f"not a run config written by `spa-vl generate` (no {missing[0]} section)", file=file)
+
+        def section(kind, name: str):  # the defaults fill in what an older snapshot did not write
+            return typed_section(kind, {**DEFAULTS[name], **check_mapping(data.get(name), field=name, file=file)},
+                                 file=file, where=name)
+
+        return cls(file=file, seed=check_value(data.get("seed", DEFAULTS["seed"]), int, field="seed", file=file),
+                   taxonomy=check_value(data.get("taxonomy"), str | None, field="taxonomy", file=file),
+                   units_fingerprint=check_value(data.get("units_fingerprint"), str | None, field="units_fingerprint",
+                                                 file=file),
+                   responses=section(ResponsesSection, "responses"), judge=section(JudgeSection, "judge"),
+                   safety=section(SafetySection, "safety"),
+                   build=BuildSection.from_dict({**DEFAULTS["build"], **data["build"]}, file=file))

@@ -5,6 +5,8 @@ clip-retrieval kNN service) are asked, keyword by keyword, for candidates. Each 
 blocklist, NSFW score, size and resolution, image-text similarity, exact and near-duplicates) and
 comes out re-encoded as an RGB JPEG (quality 90)::
 
+    from builder.generate.image_sources import TypographySource, build_source
+
     sources = [build_source({"type": "folder", "path": "images/"}), TypographySource()]
     keywords = {("Malicious Use", "Security threats", "weapon"): ["assault rifle", "pipe bomb"]}
     images, rejected = asyncio.run(collect_images(sources, ImageFilters(), keywords, per_subcategory=10))
@@ -33,20 +35,8 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from builder.config_fields import typed_section
-from builder.generate.image_sources import (  # noqa: F401 - re-exported: the stage's public names live here too
-    SOURCE_TYPES,
-    USER_AGENT,
-    ClipRetrievalSource,
-    FolderSource,
-    ImageCandidate,
-    ImageSource,
-    TypographySource,
-    UrlListSource,
-    build_source,
-    render_typography,
-    source_config,
-)
 from builder.format.schema import MAX_IMAGE_PIXELS, image_sha256
+from builder.generate.image_sources import USER_AGENT, ImageCandidate, ImageSource
 
 
 class ImageRejected(Exception):
@@ -191,43 +181,74 @@ class ClipScorer:
         return float((out.text_embeds[0] * out.image_embeds[0]).sum())  # both come out L2-normalised
 
 
-async def collect_images(sources: list[ImageSource], filters: ImageFilters, keywords: dict[tuple[str, str, str], list[str]],
-                         *, per_subcategory: int, download_concurrency: int = 16, timeout: float = 30.0,
-                         progress: bool = True, seen: tuple[set[str], list[int]] | None = None,
-                         ) -> tuple[list[CollectedImage], Counter]:
-    """Up to ``per_subcategory`` filtered images per class path; returns (images, rejected reason counts).
+class KeptImages:
+    """The images kept so far, by sha256 and perceptual hash: one that repeats a kept image exactly, or within
+    ``distance`` bits of its phash, is a duplicate."""
 
-    Class paths in the dict's order; for each, keywords in order and sources in order until enough
-    images pass. Filters: caption blocklist (whole words) → NSFW score → download and normalize_image
-    → similarity (the source's, else the scorer's against the keyword) → exact duplicate (sha256) →
-    near-duplicate (phash distance), both across all images kept so far. A candidate already tried for
-    a class path (same source and ref, under an earlier keyword) is skipped without counting.
-    """
-    block = (re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, filters.blocklist)) + r")(?!\w)", re.IGNORECASE)
-             if filters.blocklist else None)
-    scorer = ClipScorer(filters.scorer) if filters.scorer and filters.min_similarity is not None else None
-    images: list[CollectedImage] = []
-    rejected: Counter = Counter()
-    shas: set[str] = set(seen[0]) if seen else set()  # `seen`: images kept earlier (sha256s, phashes)
-    hashes, n_hashes = np.zeros(1024, np.uint64), 0
-    for ph in (seen[1] if seen else ()):
-        if n_hashes == len(hashes):
-            hashes = np.concatenate([hashes, np.zeros_like(hashes)])
-        hashes[n_hashes], n_hashes = ph, n_hashes + 1
-    window = max(1, download_concurrency)
+    def __init__(self, distance: int, seen: tuple[set[str], list[int]] | None = None):
+        self.distance = distance
+        self.shas: set[str] = set(seen[0]) if seen else set()  # `seen`: images kept earlier (sha256s, phashes)
+        self._hashes, self._n = np.zeros(1024, np.uint64), 0
+        for ph in (seen[1] if seen else ()):
+            self._add_hash(ph)
 
-    async def prepare(c: ImageCandidate, client: httpx2.AsyncClient) -> tuple[bytes, int, int, int | None]:
+    def _add_hash(self, ph: int) -> None:
+        if self._n == len(self._hashes):
+            self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
+        self._hashes[self._n], self._n = ph, self._n + 1
+
+    def check(self, sha: str, ph: int | None) -> None:
+        """Raises ImageRejected (duplicate, near_duplicate) when the image repeats a kept one."""
+        if sha in self.shas:
+            raise ImageRejected("duplicate", sha)
+        if ph is not None and self._n:
+            x = self._hashes[:self._n] ^ np.uint64(ph)
+            dist = int((np.bitwise_count(x) if hasattr(np, "bitwise_count")
+                        else np.unpackbits(x.view(np.uint8)).reshape(-1, 64).sum(1)).min())
+            if dist <= self.distance:
+                raise ImageRejected("near_duplicate", f"phash distance {dist}")
+
+    def add(self, sha: str, ph: int | None) -> None:
+        self.shas.add(sha)
+        if ph is not None:
+            self._add_hash(ph)
+
+
+class CandidateScreen:
+    """The images stage's filters, in order, each rejection counted by its reason (``rejected``): caption
+    blocklist (whole words) and NSFW score before any download; then download and :func:`normalize_image`,
+    similarity (the source's, else the scorer's against the keyword), exact and near duplicates of every
+    image kept so far (:class:`KeptImages`)."""
+
+    def __init__(self, filters: ImageFilters, *, timeout: float, window: int,
+                 seen: tuple[set[str], list[int]] | None = None):
+        self.filters, self.timeout, self.window = filters, timeout, max(1, window)
+        self.block = (re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, filters.blocklist)) + r")(?!\w)", re.IGNORECASE)
+                      if filters.blocklist else None)
+        self.scorer = ClipScorer(filters.scorer) if filters.scorer and filters.min_similarity is not None else None
+        self.kept = KeptImages(filters.dedup_distance, seen)
+        self.rejected: Counter = Counter()
+
+    def _early_reason(self, c: ImageCandidate) -> str | None:
+        """Why a candidate is rejected from its metadata alone (no download), or None."""
+        if self.block and c.caption and self.block.search(c.caption):
+            return "blocklist"
+        if self.filters.max_nsfw is not None and c.nsfw is not None and c.nsfw > self.filters.max_nsfw:
+            return "nsfw"
+        return None
+
+    async def _prepare(self, c: ImageCandidate, client: httpx2.AsyncClient) -> tuple[bytes, int, int, int | None]:
+        f = self.filters
         if c.data is not None:
             data = c.data
         elif c.url:
-            data = await download(client, c.url, max_bytes=filters.max_bytes, timeout=timeout)
+            data = await download(client, c.url, max_bytes=f.max_bytes, timeout=self.timeout)
         else:
             raise ImageRejected("download_failed", "candidate has neither data nor url")
 
         def decode() -> tuple[bytes, int, int, int | None]:
-            out, w, h = normalize_image(data, max_pixels=filters.max_pixels, max_bytes=filters.max_bytes,
-                                        min_side=filters.min_side)
-            if c.source == "typography" or not filters.dedup_distance:  # renders of different texts sit a few bits apart
+            out, w, h = normalize_image(data, max_pixels=f.max_pixels, max_bytes=f.max_bytes, min_side=f.min_side)
+            if c.source == "typography" or not f.dedup_distance:  # renders of different texts sit a few bits apart
                 return out, w, h, None
             with Image.open(io.BytesIO(out)) as im:
                 im.draft("L", (128, 128))  # phash looks at 32x32 grey: a JPEG decoded at 1/8 scale is plenty
@@ -235,29 +256,65 @@ async def collect_images(sources: list[ImageSource], filters: ImageFilters, keyw
 
         return await asyncio.to_thread(decode)
 
-    async def check(c: ImageCandidate, job, keyword: str) -> tuple[str, bytes, int, int, int | None]:
+    async def _check(self, c: ImageCandidate, job, keyword: str) -> tuple[str, bytes, int, int, int | None]:
         """The checks that need the image, taken in candidate order; raises ImageRejected."""
         if isinstance(job, str):
             raise ImageRejected(job)
         data, w, h, ph = await job
         sim = c.similarity
-        if sim is None and scorer is not None:
-            sim = await asyncio.to_thread(scorer.score, data, keyword)
-        if filters.min_similarity is not None and sim is not None and sim < filters.min_similarity:
+        if sim is None and self.scorer is not None:
+            sim = await asyncio.to_thread(self.scorer.score, data, keyword)
+        if self.filters.min_similarity is not None and sim is not None and sim < self.filters.min_similarity:
             raise ImageRejected("low_similarity", f"{sim:.3f}")
         sha = image_sha256(data)
-        if sha in shas:
-            raise ImageRejected("duplicate", sha)
-        if ph is not None and n_hashes:
-            x = hashes[:n_hashes] ^ np.uint64(ph)
-            dist = int((np.bitwise_count(x) if hasattr(np, "bitwise_count")
-                        else np.unpackbits(x.view(np.uint8)).reshape(-1, 64).sum(1)).min())
-            if dist <= filters.dedup_distance:
-                raise ImageRejected("near_duplicate", f"phash distance {dist}")
+        self.kept.check(sha, ph)
         return sha, data, w, h, ph
 
+    async def take(self, candidates: list[ImageCandidate], keyword: str, class_path: tuple[str, str, str],
+                   client: httpx2.AsyncClient, wanted: int, bar) -> list[CollectedImage]:
+        """Up to ``wanted`` candidates that pass every filter, in candidate order; at most ``window`` downloads
+        run ahead of the one being checked."""
+        todo, pending, kept = iter(candidates), deque(), []  # pending: (candidate, rejection reason or prepare task)
+        try:
+            while len(kept) < wanted:
+                while len(pending) < self.window and (c := next(todo, None)) is not None:
+                    pending.append((c, self._early_reason(c) or asyncio.create_task(self._prepare(c, client))))
+                if not pending:
+                    break
+                c, job = pending.popleft()
+                try:
+                    sha, data, w, h, ph = await self._check(c, job, keyword)
+                except ImageRejected as e:
+                    self.rejected[e.reason] += 1
+                    bar.set_postfix(dict(self.rejected), refresh=False)
+                    continue
+                self.kept.add(sha, ph)
+                kept.append(CollectedImage(sha, data, w, h, c.caption or keyword, *class_path, keyword, c.source, c.ref,
+                                           ph))
+                bar.update(1)
+        finally:  # enough images, or an error: the downloads still running are not needed
+            tasks = [job for _, job in pending if isinstance(job, asyncio.Task)]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return kept
+
+
+async def collect_images(sources: list[ImageSource], filters: ImageFilters, keywords: dict[tuple[str, str, str], list[str]],
+                         *, per_subcategory: int, download_concurrency: int = 16, timeout: float = 30.0,
+                         progress: bool = True, seen: tuple[set[str], list[int]] | None = None,
+                         ) -> tuple[list[CollectedImage], Counter]:
+    """Up to ``per_subcategory`` filtered images per class path; returns (images, rejected reason counts).
+
+    Class paths in the dict's order; for each, keywords in order and sources in order until enough
+    images pass :class:`CandidateScreen`'s filters, duplicates checked across all images kept so far
+    (and ``seen``: the sha256s and phashes of images kept earlier). A candidate already tried for a
+    class path (same source and ref, under an earlier keyword) is skipped without counting.
+    """
+    screen = CandidateScreen(filters, timeout=timeout, window=download_concurrency, seen=seen)
+    images: list[CollectedImage] = []
     bar = tqdm(total=per_subcategory * len(keywords), desc="images", unit="img", disable=not progress)
-    limits = httpx2.Limits(max_connections=window)
+    limits = httpx2.Limits(max_connections=screen.window)
     async with httpx2.AsyncClient(timeout=timeout, limits=limits, headers={"User-Agent": USER_AGENT}) as client:
         for class_path, kws in keywords.items():
             got, tried = 0, set()
@@ -266,39 +323,10 @@ async def collect_images(sources: list[ImageSource], filters: ImageFilters, keyw
                     break
                 # headroom for rejects (dead links are common in LAION) and for refs tried under earlier keywords
                 found = await source.candidates(keyword, class_path, 2 * (per_subcategory - got) + len(tried))
-                todo = iter({c.ref: c for c in found if (si, c.ref) not in tried}.values())
+                fresh = list({c.ref: c for c in found if (si, c.ref) not in tried}.values())
                 tried.update((si, c.ref) for c in found)
-                pending: deque = deque()  # (candidate, rejection reason or prepare task), in candidate order
-                try:
-                    while got < per_subcategory:
-                        while len(pending) < window and (c := next(todo, None)) is not None:
-                            reason = ("blocklist" if block and c.caption and block.search(c.caption) else
-                                      "nsfw" if filters.max_nsfw is not None and c.nsfw is not None
-                                      and c.nsfw > filters.max_nsfw else None)
-                            pending.append((c, reason or asyncio.create_task(prepare(c, client))))
-                        if not pending:
-                            break
-                        c, job = pending.popleft()
-                        try:
-                            sha, data, w, h, ph = await check(c, job, keyword)
-                        except ImageRejected as e:
-                            rejected[e.reason] += 1
-                            bar.set_postfix(dict(rejected), refresh=False)
-                            continue
-                        shas.add(sha)
-                        if ph is not None:
-                            if n_hashes == len(hashes):
-                                hashes = np.concatenate([hashes, np.zeros_like(hashes)])
-                            hashes[n_hashes] = ph
-                            n_hashes += 1
-                        images.append(CollectedImage(sha, data, w, h, c.caption or keyword, *class_path, keyword,
-                                                     c.source, c.ref, ph))
-                        got += 1
-                        bar.update(1)
-                finally:  # enough images, or an error: the downloads still running are not needed
-                    tasks = [job for _, job in pending if isinstance(job, asyncio.Task)]
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                kept = await screen.take(fresh, keyword, class_path, client, per_subcategory - got, bar)
+                images += kept
+                got += len(kept)
     bar.close()
-    return images, rejected
+    return images, screen.rejected

@@ -8,8 +8,8 @@ prices and default parameters; :meth:`ModelSpec.from_config` checks every key's 
     ModelSpec.from_config("gpt-4o", {"rpm": -5})   # DataError: field models.gpt-4o.rpm: must be greater than 0, got -5
 
 :func:`resolve_endpoints` turns entries into URLs and keys once, in the process that read the config;
-the key never appears in a repr, and :func:`redact` keeps it (or anything shaped like a key) out of
-messages that reach a summary.
+the key never appears in a repr (:func:`builder.generate.replies.redact` keeps it, or anything shaped like
+a key, out of messages that reach a summary).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +33,6 @@ PARAM_RULES: dict[str, tuple[Any, dict]] = {
 }
 LOCAL_PARAMS = ("temperature", "max_tokens", "min_tokens", "seed")  # what the transformers backend reads
 SET_BY_ROUTER = ("messages", "model", "response_format", "stream")  # the router's to set, never the config's
-# What looks like an API key in a server's message (OpenAI quotes a masked key in its 401): never shown.
-KEYLIKE = re.compile(r"\b(?:sk|hf|pk|rk|gsk|api[_-]?key)[-_][A-Za-z0-9*._-]{6,}", re.I)
 
 
 @functools.cache
@@ -129,11 +126,3 @@ def resolve_endpoints(specs: dict[str, ModelSpec], names=None, environ=None) -> 
                             "server without auth)", field=f"models.{name}.api_key_env")
         out[name] = Endpoint((spec.base_url or environ.get("OPENAI_BASE_URL") or OPENAI_URL).rstrip("/"), key)
     return out
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    """``text`` without the given secrets and without anything shaped like an API key."""
-    for secret in secrets:
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, "[key redacted]")
-    return KEYLIKE.sub("[key redacted]", text)

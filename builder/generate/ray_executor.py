@@ -21,8 +21,11 @@ import signal
 import threading
 
 from builder.errors import DataError
-from builder.generate.llm import Endpoint, Meter, ModelRouter
+from builder.generate.model_spec import Endpoint
+from builder.generate.outcomes import Meter
+from builder.generate.router import ModelRouter
 from builder.generate.run_store import RunStore
+from builder.generate.units import failed_record, process_unit
 
 CHUNK_MAX = 32  # units per task: small chunks land often and leave little in flight
 
@@ -67,7 +70,6 @@ class _ActorCache:
 
 def _ray_chunk(cfg, units: list[tuple[dict, bytes]], actor, share: float, until: str, endpoints: dict[str, Endpoint]):
     """A Ray task: run a chunk of units with a share of the limits; return their records and meters."""
-    from builder.generate.pipeline import process_unit
 
     async def run():
         router = ModelRouter(cfg.models, _ActorCache(actor), limit_share=share, endpoints=endpoints)
@@ -107,8 +109,6 @@ def run_on_ray(cfg, store: RunStore, endpoints: dict[str, Endpoint], meters: dic
     """Run ``metas`` through the model stages on Ray; ``on_record(record)`` stores and shows each finished unit."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from builder.generate.pipeline import failed_record
 
     connect()  # a no-op when generate() has connected already
     workers = cfg.run.ray_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))

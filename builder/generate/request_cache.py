@@ -15,16 +15,8 @@ import json
 import os
 import sqlite3
 import uuid
-from dataclasses import dataclass
 
-
-@dataclass
-class Reply:
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached: bool = False
-    reused: bool = False  # from the cache, but stored during this same run: paid for once, counted once
+from builder.generate.outcomes import Reply
 
 
 class RequestCache:
@@ -75,7 +67,7 @@ class RequestCache:
     def set_mark(self, name: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO marks VALUES (?, ?)", (name, value))
 
-    # The router awaits these, so a Ray actor can stand in for the file (see builder.generate.pipeline).
+    # The router awaits these, so a Ray actor can stand in for the file (see builder.generate.ray_executor).
     async def get(self, key: str) -> Reply | None:
         return self.lookup(key)
 

@@ -73,19 +73,3 @@ class RunStore(RequestCache):
             records = [r for r in records if r["id"] in keep]
         return records
 
-
-def read_run_config(run_dir) -> dict:
-    """``RUN_DIR/config.yaml``, the resolved config `spa-vl generate` wrote; a DataError naming it when it
-    is not readable YAML or not such a config."""
-    import yaml
-
-    from builder.errors import DataError
-
-    path = Path(run_dir) / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DataError(f"not valid YAML: {' '.join(str(e).split())}", file=str(path)) from None
-    if not isinstance(data, dict) or not isinstance(data.get("build"), dict):
-        raise DataError("not a run config written by `spa-vl generate` (no build section)", file=str(path))
-    return data

@@ -9,9 +9,9 @@
   model labels question, chosen and rejected. A local judge (probabilities of "A" and "B") may instead be
   set to ``agreement: average``: the winner by P(first wins) averaged over both orders, status ``averaged``.
 
-Stages share nothing but their arguments: a unit record (a dict), the :class:`~builder.generate.llm.ModelRouter`
+Stages share nothing but their arguments: a unit record (a dict), the :class:`~builder.generate.router.ModelRouter`
 and the :class:`~builder.generate.config.PipelineConfig`. Prompts are the config's files, formatted with ``str.format``.
-Every reply is read without the lines it repeats from its prompt (:func:`~builder.generate.llm.strip_echo`): a
+Every reply is read without the lines it repeats from its prompt (:func:`~builder.generate.replies.strip_echo`): a
 server that echoes the request gives no keywords, no question and no verdict, and is counted as such.
 """
 
@@ -21,7 +21,9 @@ import asyncio
 import random
 import re
 
-from builder.generate.llm import ModelRouter, RequestFailed, image_part, parse_json_reply, strip_echo
+from builder.generate.outcomes import RequestFailed
+from builder.generate.replies import parse_json_reply, strip_echo
+from builder.generate.router import ModelRouter, image_part
 
 QUESTION_TYPES = ("easy", "hardq", "hards")
 VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["better", "reason"],

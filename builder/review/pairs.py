@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import yaml
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.format.folder import DEFAULT_CONFIG, PREFERENCE_SPLITS, TEST_CONFIG, read_manifest
-from builder.format.schema import QUESTION_TYPES, row_id
 from builder.taxonomy import Taxonomy
 
 _LABEL_COLUMNS = ("id", "class1", "class2", "class3", "question_type", "question",
@@ -141,57 +139,34 @@ class FolderSource:
 
 
 class RunSource:
-    """The pairs ``spa-vl build`` would write from a run store, with the ids it would give them.
-
-    Mirrors ``builder.generate.build.build``'s selection: finished units made under the current config, kept
-    judge statuses, test images left out, a question repeated word for word within an image kept once.
-    """
+    """The pairs ``spa-vl build`` would write from a run store, with the ids it would give them
+    (:func:`builder.generate.folder_build.iter_pairs`: the same selection, the same rows)."""
 
     kind = "run"
 
     def __init__(self, root: Path):
+        from builder.generate.config import RunSnapshot
         from builder.generate.run_store import RunStore
 
         self.root = root
-        try:
-            self.config = yaml.safe_load((root / "config.yaml").read_text())
-        except yaml.YAMLError as e:
-            raise DataError(f"not valid YAML: {e}", file=str(root / "config.yaml")) from None
-        self.taxonomy = Taxonomy.load(self.config.get("taxonomy"))
+        self.snapshot = RunSnapshot.read(root)
+        self.taxonomy = Taxonomy.load(self.snapshot.taxonomy)
         self.version = ""
         self._store = RunStore(root)
         self._lock = threading.Lock()
         self._pairs: dict[str, tuple[PairLabels, PairText, str]] = {}  # id -> labels, texts, unit id
 
     def labels(self, config: str | None = None) -> list[PairLabels]:
-        from builder.generate.build import KEPT, is_test
+        from builder.generate.folder_build import iter_pairs
 
-        order = [m["sha256"] for m in self._store.images()]
         self._pairs.clear()
-        fingerprint = self.config.get("units_fingerprint")
-        test_fraction = float(self.config["build"]["test_fraction"])
-        for unit in self._store.units(order):
-            if unit["status"] != "done" or unit.get("until") != "preferences" or unit.get("config") != fingerprint:
+        for unit, row in iter_pairs(self._store, self.snapshot):
+            if config not in (None, self.taxonomy.slug_for(unit["class1"])):
                 continue
-            if is_test(unit["id"], test_fraction) or config not in (None, self.taxonomy.slug_for(unit["class1"])):
-                continue
-            self._add_unit(unit, KEPT)
+            labels = PairLabels(row["id"], unit["class1"], unit["class2"], unit["class3"], row["question_type"],
+                                row["question"], row["question_unsafe"], row["chosen_unsafe"], row["rejected_unsafe"])
+            self._pairs[row["id"]] = (labels, PairText(row["question"], row["chosen"], row["rejected"]), unit["id"])
         return [labels for labels, _, _ in self._pairs.values()]
-
-    def _add_unit(self, unit: dict, kept: tuple[str, ...]) -> None:
-        asked: set[str] = set()
-        for qtype in QUESTION_TYPES:
-            pair, question = unit["pairs"][qtype], unit["questions"][qtype]
-            if pair["status"] not in kept or question.strip() in asked:
-                continue
-            asked.add(question.strip())
-            w = pair["chosen"]
-            chosen, rejected = pair["responses"][w], pair["responses"][1 - w]
-            unsafe = pair.get("unsafe") or {}
-            pid = row_id(unit["id"], question, chosen, rejected)
-            labels = PairLabels(pid, unit["class1"], unit["class2"], unit["class3"], qtype, question,
-                                unsafe.get("question"), unsafe.get("chosen"), unsafe.get("rejected"))
-            self._pairs[pid] = (labels, PairText(question, chosen, rejected), unit["id"])
 
     def texts(self, ids: list[str]) -> dict[str, PairText]:
         if not self._pairs:
