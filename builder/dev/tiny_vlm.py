@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 
 from builder.errors import DataError
-from builder.format.folder import swap_into_place
+from builder.files import swap_into_place
 from builder.taxonomy import Taxonomy
 
 PATCH_SIZE = 8

@@ -29,7 +29,7 @@ import yaml
 
 from builder.config_fields import check_mapping, check_value, typed_section
 from builder.errors import DataError
-from builder.format.folder import parse_version
+from builder.format.manifest import parse_version
 from builder.generate.images import ImageFilters, source_config
 from builder.generate.llm import ModelSpec, check_params
 from builder.shipped import PIPELINE_CONFIGS, PROMPTS, resolve_config
