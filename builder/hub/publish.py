@@ -77,7 +77,7 @@ def publish(
     from huggingface_hub import HfApi, get_token
 
     from builder.format.history import record_ids  # pyarrow
-    from builder.validate import validate
+    from builder.validate.run import validate  # pyarrow, datasets
 
     log, t0 = log or stderr_log, time.monotonic()
     check_repo_id(repo_id)
