@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -148,11 +148,11 @@ class DatasetFolder:
         data = manifest_bytes(manifest)
         if data != self.raw:
             atomic_write(self.root / MANIFEST, data)
-        return DatasetFolder(self.root, manifest, self.taxonomy, data, dict(self.problems))
+        return replace(self, manifest=manifest, raw=data)
 
     def moved_to(self, root: str | Path) -> "DatasetFolder":
         """The same folder at ``root`` (once renamed into place)."""
-        return DatasetFolder(Path(root), self.manifest, self.taxonomy, self.raw, dict(self.problems))
+        return replace(self, root=Path(root))
 
     # --- what the manifest says ---------------------------------------------------------------------
     @property
