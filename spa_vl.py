@@ -70,6 +70,9 @@ DOMAINS = {
     "human_autonomy_integrity": "Human Autonomy & IntegrityHarms",
     "socioeconomic": "Socioeconomic Harms",
 }
+# The folder layout this file reads, copied from its owner, builder/format/layout.py (PREFERENCE_SPLITS,
+# EVAL_SPLITS, TAXONOMY_FILE, config_data_files): this file must work copied alone, so it keeps its own
+# small copy, held in step with the owner by tests/test_spa_vl.py.
 PREFERENCE_SPLITS = ("train", "validation")
 EVAL_SPLITS = ("harm", "help")
 SOURCE_ENV = "SPA_VL_SOURCE"  # where `load` looks when no source is given
@@ -78,7 +81,8 @@ _SLUG = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def config_files(config: str) -> dict[str, str]:
-    """split -> glob of the config's shards, relative to the dataset folder root."""
+    """split -> glob of the config's shards, relative to the dataset folder root (the globs of
+    ``builder.format.layout.config_data_files``, narrowed to parquet files)."""
     if config == "test":
         return {s: f"data/test/{s}-*.parquet" for s in EVAL_SPLITS}
     folder = "*" if config == "default" else config

@@ -61,7 +61,7 @@ def fixture_params(rows: int) -> dict:
 # --- child processes: one build each, reporting its own peak RSS --------------------------------
 def child_build(rows: int, dest: Path, mode: str) -> dict:
     """Build a folder of ``rows`` preference rows at ``dest``; return timings and this process's peak RSS."""
-    import dataset_card.card  # noqa: F401  (imported lazily by the writer; counted in the baseline here)
+    import dataset_card.card  # noqa: F401  (the card renderer the builds finish with; counted in the baseline here)
     from builder.dev.fixture import write_fixture
 
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -88,7 +88,8 @@ def child_build(rows: int, dest: Path, mode: str) -> dict:
 def _build_predrawn(dest: Path, params: dict):
     """The fixture's rows over a small pool of pre-drawn images: times ``DatasetFolderWriter`` alone."""
     from builder.dev.fixture import FixtureImage, draw_image, fixture_split, preference_rows
-    from builder.format.folder import DatasetFolderWriter
+    from builder.format.writer import DatasetFolderWriter
+    from dataset_card.card import render_folder_card
     from builder.format.schema import QUESTION_TYPES, image_sha256
     from builder.taxonomy import Taxonomy
 
@@ -106,7 +107,7 @@ def _build_predrawn(dest: Path, params: dict):
     t0 = time.perf_counter()
     with DatasetFolderWriter(dest, taxonomy=taxonomy, build_config={"source": "bench-predrawn", **params},
                              card={"title": "SPA-VL bench (pre-drawn images)", "synthetic": True},
-                             overwrite=True) as writer:
+                             overwrite=True, finish=render_folder_card) as writer:
         for slug in taxonomy.slugs:
             domain = taxonomy.domain(slug)
             subs = domain.subcategories

@@ -6,7 +6,7 @@ id with the previous version, and the build config hash. The previous version's 
 ``--previous OTHER_FOLDER`` if given, else from ``DIR/.spa_vl/row_ids.parquet``: the ids recorded at
 the last ``version`` or ``publish`` of this folder (a rebuild over the folder keeps that record)::
 
-    result = bump("out/spa_vl", "minor")
+    result = bump(DatasetFolder.open("out/spa_vl"), "minor")
     result.version, result.previous_version   # "0.2.0", "0.1.0"
     result.changes[("malicious_use", "train")]   # Change(rows=1204, added=120, removed=3)
 """
@@ -14,28 +14,16 @@ the last ``version`` or ``publish`` of this folder (a rebuild over the folder ke
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from builder.errors import DataError
-from builder.format.folder import (
-    CHANGELOG,
-    DEFAULT_CONFIG,
-    HISTORY_DIR,
-    TEST_CONFIG,
-    UNATTRIBUTED,
-    folder_taxonomy,
-    parse_version,
-    read_manifest,
-)
-from dataset_card.stats import shard_key
-
+from builder.files import atomic_write
+from builder.format.history import ROW_IDS, RowIds, record_ids, recorded_ids, row_ids
+from builder.format.layout import CHANGELOG, DEFAULT_CONFIG, MANIFEST, PREFERENCE_SPLITS, TEST_CONFIG, UNATTRIBUTED, \
+    config_folders
+from builder.format.manifest import DatasetFolder, parse_version
 PARTS = ("patch", "minor", "major")
-ROW_IDS = f"{HISTORY_DIR}/row_ids.parquet"
 CHANGELOG_HEADER = "# Changelog\n\nEvery version of this dataset, newest first. Row counts are per config and split; added and removed rows are counted by row id.\n"
 
 
@@ -76,126 +64,89 @@ def bumped(version: str, part: str) -> str:
     return f"{major}.{minor}.{patch + 1}"
 
 
-def row_ids(root: str | Path, manifest: dict | None = None) -> dict[tuple[str, str], set[str]]:
-    """(folder under data/, split) → the row ids of the folder's shards (the ``id`` column only)."""
-    root = Path(root)
-    manifest = manifest if manifest is not None else read_manifest(root)
-    out: dict[tuple[str, str], set[str]] = {}
-    for rel in sorted(manifest.get("files", {})):
-        try:
-            ids = pq.read_table(root / rel, columns=["id"]).column("id").to_pylist()
-        except (OSError, KeyError, pa.ArrowException) as e:
-            raise DataError(f"cannot read the id column: {e}", file=str(root / rel), field="id") from None
-        out.setdefault(shard_key(rel), set()).update(ids)
-    return out
-
-
-def recorded_ids(root: str | Path) -> tuple[str, dict[tuple[str, str], set[str]], str | None] | None:
-    """The (version, ids, build config hash) recorded at the last ``version`` or ``publish`` of this folder."""
-    path = Path(root) / ROW_IDS
-    if not path.is_file():
-        return None
-    table = pq.read_table(path)
-    meta = table.schema.metadata or {}
-    version = meta.get(b"spa_vl_version", b"").decode() or None
-    build_hash = meta.get(b"spa_vl_build_config_hash", b"").decode() or None
-    out: dict[tuple[str, str], set[str]] = {}
-    for folder, split, rid in zip(*(table.column(c).to_pylist() for c in ("folder", "split", "id"))):
-        out.setdefault((folder, split), set()).add(rid)
-    return version, out, build_hash
-
-
-def record_ids(root: str | Path, version: str, ids: dict[tuple[str, str], set[str]] | None = None,
-               build_config_hash: str | None = None) -> None:
-    """Record the folder's row ids as those of ``version`` (the baseline of the next bump)."""
-    root = Path(root)
-    ids = ids if ids is not None else row_ids(root)
-    keys = sorted(ids)
-    rows = [(f, s, i) for f, s in keys for i in sorted(ids[(f, s)])]
-    table = pa.table({"folder": [r[0] for r in rows], "split": [r[1] for r in rows], "id": [r[2] for r in rows]})
-    if build_config_hash is None:
-        build_config_hash = read_manifest(root).get("build_config_hash", "")
-    table = table.replace_schema_metadata({"spa_vl_version": version, "spa_vl_build_config_hash": build_config_hash})
-    path = root / ROW_IDS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def diff(current: dict[tuple[str, str], set[str]], previous: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str], Change]:
+def diff(current: RowIds, previous: RowIds) -> dict[tuple[str, str], Change]:
     """Per config and split: rows now, rows added and removed. Domain configs and ``test`` are their folders;
-    ``default`` is every preference folder together."""
+    ``default`` is every preference folder together (``unattributed`` included)."""
     out = {}
     for key in sorted(set(current) | set(previous)):
         if key[0] == UNATTRIBUTED:  # not a config: its rows count in `default` only
             continue
         now, before = current.get(key, set()), previous.get(key, set())
         out[key] = Change(len(now), len(now - before), len(before - now))
-    for split in ("train", "validation"):
-        now = set().union(*(v for (f, s), v in current.items() if s == split and f != TEST_CONFIG))
-        before = set().union(*(v for (f, s), v in previous.items() if s == split and f != TEST_CONFIG))
+    for split in PREFERENCE_SPLITS:
+        now = _union(current, DEFAULT_CONFIG, split)
+        before = _union(previous, DEFAULT_CONFIG, split)
         if now or before:
             out[(DEFAULT_CONFIG, split)] = Change(len(now), len(now - before), len(before - now))
     return out
 
 
-def bump(root: str | Path, part: str, *, previous: str | Path | None = None, today: _dt.date | None = None,
-         render_card: bool = True) -> VersionResult:
-    """Bump the version of a dataset folder; see the module docstring."""
-    root = Path(root)
-    manifest = read_manifest(root)
-    old = str(manifest.get("version", "0.0.0"))
-    new = bumped(old, part)
-    current = row_ids(root, manifest)
-    if previous is None and _unfinished(root, manifest):
-        # Finish the interrupted bump instead of bumping twice: record its row ids, render its card.
-        record_ids(root, old, current, manifest.get("build_config_hash", ""))
-        if render_card:
-            from dataset_card.card import render_folder_card
+def _union(ids: RowIds, config: str, split: str) -> set[str]:
+    """The row ids of one config's split: those of the folders the config reads."""
+    return set().union(*(ids[(f, split)] for f in config_folders(config, (f for f, _ in ids)) if (f, split) in ids))
 
-            render_folder_card(root, taxonomy=folder_taxonomy(root))
+
+def bump(folder: DatasetFolder | str | Path, part: str, *, previous: DatasetFolder | str | Path | None = None,
+         today: _dt.date | None = None, render_card: bool = True) -> VersionResult:
+    """Bump the version of a dataset folder; see the module docstring. ``previous``: the folder of the
+    previous version to compare with (default: the row ids recorded in this folder)."""
+    folder = DatasetFolder.of(folder)
+    root = folder.root
+    old = folder.version
+    new = bumped(old, part)
+    current = row_ids(folder)
+    if previous is None and _unfinished(folder):
+        # Finish the interrupted bump instead of bumping twice: record its row ids, render its card.
+        record_ids(folder, old, current)
+        if render_card:
+            _render_card(folder)
         return VersionResult(root, old, None, "finished an interrupted bump", {}, "", finished_interrupted=True)
 
-    if previous is not None:
-        prev_root = Path(previous)
-        prev_manifest = read_manifest(prev_root)
-        prev_version, prev_ids, baseline = str(prev_manifest.get("version")), row_ids(prev_root, prev_manifest), str(prev_root)
-        prev_hash = prev_manifest.get("build_config_hash")
-    elif (rec := recorded_ids(root)) is not None:
-        prev_version, prev_ids, prev_hash = rec
-        baseline = f"{ROW_IDS} (version {prev_version})"
-    else:
-        prev_version, prev_ids, baseline, prev_hash = None, {}, "none: no earlier version recorded", None
+    prev_version, prev_ids, baseline, prev_hash = _baseline(folder, previous)
     if prev_version is not None and parse_version(new) <= parse_version(prev_version):
         raise DataError(f"new version {new} is not above the previous version {prev_version}; bump a larger part",
-                        file=str(root / "manifest.json"), field="version")
+                        file=str(root / MANIFEST), field="version")
 
     changes = diff(current, prev_ids)
     result = VersionResult(root, new, prev_version, baseline, changes)
-    result.entry = _entry(result, manifest, prev_hash, today or _dt.date.today())
+    result.entry = _entry(result, folder.manifest, prev_hash, today or _dt.date.today())
 
     # Changelog, then manifest, then the row ids (the baseline of the next bump) last. A crash before the
     # manifest is redone by the next run (the entry for the same version is replaced); a crash after it is
     # finished by the next run (see `_unfinished`).
     _prepend_changelog(root / CHANGELOG, new, result.entry)
-    manifest["version"] = new
-    from dataset_card.card import manifest_bytes, render_folder_card, write_if_changed
-
-    write_if_changed(root / "manifest.json", manifest_bytes(manifest))
-    record_ids(root, new, current, manifest.get("build_config_hash", ""))
+    folder = folder.write_manifest({**folder.manifest, "version": new})
+    record_ids(folder, new, current)
     if render_card:
-        render_folder_card(root, taxonomy=folder_taxonomy(root))
+        _render_card(folder)
     return result
 
 
-def _unfinished(root: Path, manifest: dict) -> bool:
+def _baseline(folder: DatasetFolder, previous: DatasetFolder | str | Path | None
+              ) -> tuple[str | None, RowIds, str, str | None]:
+    """(version, row ids, where they came from, build config hash) of the version before this one."""
+    if previous is not None:
+        prev = DatasetFolder.of(previous)
+        return str(prev.manifest.get("version")), row_ids(prev), str(prev.root), prev.manifest.get("build_config_hash")
+    rec = recorded_ids(folder.root)
+    if rec is not None:
+        return rec[0], rec[1], f"{ROW_IDS} (version {rec[0]})", rec[2]
+    return None, {}, "none: no earlier version recorded", None
+
+
+def _render_card(folder: DatasetFolder) -> None:
+    from dataset_card.card import render_folder_card  # imports datasets and matplotlib: only when a bump renders
+
+    render_folder_card(folder)
+
+
+def _unfinished(folder: DatasetFolder) -> bool:
     """A bump that wrote its changelog entry and the manifest but not the row ids (it crashed there)."""
-    version = str(manifest.get("version"))
-    log = root / CHANGELOG
+    version = str(folder.manifest.get("version"))
+    log = folder.root / CHANGELOG
     if not log.is_file() or not log.read_text(encoding="utf-8").split("\n## ", 1)[-1].startswith(f"{version} "):
         return False
-    rec = recorded_ids(root)
+    rec = recorded_ids(folder.root)
     return rec is None or rec[0] != version
 
 
@@ -227,8 +178,5 @@ def _prepend_changelog(path: Path, version: str, entry: str) -> None:
     if rest.startswith(f"## {version} "):
         nxt = rest.find("\n## ", 1)
         rest = rest[nxt + 1:] if nxt >= 0 else ""
-    new = head.rstrip("\n") + "\n\n" + entry + ("\n" + rest if rest else "")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, head.rstrip("\n") + "\n\n" + entry + ("\n" + rest if rest else ""))
 

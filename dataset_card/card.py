@@ -1,17 +1,18 @@
 """Render a dataset folder's ``README.md`` (YAML metadata, then prose) and its plots under ``assets/``.
 
-Everything is read from the folder (``manifest.json`` and a few columns of the shards, see
-``dataset_card.stats``) and filled into ``dataset_card/template.md``. The output is deterministic:
-re-rendering an unchanged folder writes nothing::
+Everything comes from the folder: its ``DatasetFolder`` value (manifest, taxonomy) and a few columns
+of the shards (see ``dataset_card.stats``), filled into ``dataset_card/template.md``. The commands that
+finish a folder call the renderer (fixture, import and build through the writer's ``finish``, version,
+publish); the folder writer never imports it. The output is deterministic: re-rendering an unchanged
+folder writes nothing::
 
-    result = render_folder_card("out/spa_vl")
+    result = render_folder_card(DatasetFolder.open("out/spa_vl"))
     result.changed     # [] on a second run
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,12 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from builder.format.folder import DEFAULT_CONFIG, TEST_CONFIG, config_data_files, read_manifest
+from builder.files import atomic_write
+from builder.format.layout import DEFAULT_CONFIG, README, REVIEW_DIR, TEST_CONFIG, config_data_files
+from builder.format.manifest import DatasetFolder
 from builder.format.schema import EVAL_FEATURES, PREFERENCE_FEATURES
 from builder.taxonomy import Taxonomy
-from dataset_card import plots
+import dataset_card.plots as plots
 from dataset_card.stats import FolderStats
 
 TEMPLATE = Path(__file__).with_name("template.md")
@@ -49,27 +52,29 @@ class CardResult:
     root: Path
     changed: list[str] = field(default_factory=list)  # paths (relative to root) whose bytes changed
     files: list[str] = field(default_factory=list)  # every path the card consists of
+    folder: DatasetFolder | None = None  # the folder rendered, its manifest as it is now on disk
 
 
-def render_folder_card(root: str | Path, *, taxonomy: Taxonomy | None = None, repo_id: str | None = None) -> CardResult:
+def render_folder_card(folder: DatasetFolder | str | Path, *, repo_id: str | None = None) -> CardResult:
     """Write ``README.md`` and ``assets/*.png`` of a dataset folder; only files whose bytes change are written.
 
-    ``repo_id`` (for the load examples) is remembered in the manifest's card options; without it the
-    last one given is used, or a placeholder.
+    The card shows the folder's own taxonomy. ``repo_id`` (for the load examples) is remembered in the
+    manifest's card options (``result.folder`` holds the manifest with it); without it the last one given
+    is used, or a placeholder.
     """
-    root = Path(root)
-    taxonomy = taxonomy or Taxonomy.load()
-    if repo_id is not None:
-        _set_card_option(root, "repo_id", repo_id)
-    stats = FolderStats.read(root)
-    outputs = {"README.md": render_card_text(stats, taxonomy).encode()}
+    folder = DatasetFolder.of(folder)
+    if repo_id is not None and folder.card_options.get("repo_id") != repo_id:
+        folder = folder.write_manifest({**folder.manifest, "card": {**folder.card_options, "repo_id": repo_id}})
+    root, taxonomy = folder.root, folder.taxonomy
+    stats = FolderStats.read(folder)
+    outputs = {README: render_card_text(stats).encode()}
     keys, counts = _category_counts(stats, taxonomy)
     outputs[plots.ROWS_PLOT] = plots.rows_per_category(keys, counts)
     if stats.has_safety_labels:
         keys = [k for k in _categories(taxonomy) if stats.unsafe.get(k)]
         rates = {w: [stats.unsafe[k].rate(w) for k in keys] for w in ("question", "chosen", "rejected")}
         outputs[plots.UNSAFE_PLOT] = plots.unsafe_rate_per_category(keys, rates)
-    result = CardResult(root, files=sorted(outputs))
+    result = CardResult(root, files=sorted(outputs), folder=folder)
     for rel, data in outputs.items():
         if write_if_changed(root / rel, data):
             result.changed.append(rel)
@@ -81,22 +86,23 @@ def render_folder_card(root: str | Path, *, taxonomy: Taxonomy | None = None, re
     return result
 
 
-def render_card_text(stats: FolderStats, taxonomy: Taxonomy) -> str:
+def render_card_text(stats: FolderStats) -> str:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     env.filters["thousands"] = lambda n: f"{n:,}"
-    text = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(**_context(stats, taxonomy))
+    text = env.from_string(TEMPLATE.read_text(encoding="utf-8")).render(**_context(stats))
     DatasetCard(text)  # the YAML header must load back: raises if it does not
     return text
 
 
-def _context(stats: FolderStats, taxonomy: Taxonomy) -> dict:
-    opts = stats.card_options
-    config_splits = stats.config_splits(taxonomy)
+def _context(stats: FolderStats) -> dict:
+    folder, taxonomy = stats.folder, stats.folder.taxonomy
+    opts = folder.card_options
+    config_splits = folder.config_splits()
     unsafe_rows = _unsafe_rows(stats, taxonomy)
     return dict(
-        card_data=card_metadata(stats, taxonomy, config_splits).to_yaml(),
+        card_data=card_metadata(stats, config_splits).to_yaml(),
         title=opts.get("title", "SPA-VL"),
-        version=stats.version,
+        version=folder.version,
         synthetic=bool(opts.get("synthetic")),
         description=opts.get("description", DEFAULT_DESCRIPTION),
         paper_url=PAPER_URL,
@@ -104,9 +110,9 @@ def _context(stats: FolderStats, taxonomy: Taxonomy) -> dict:
         n_categories=sum(len(d.categories) for d in taxonomy.domains),
         n_subcategories=len(taxonomy.paths()),
         config_rows=[{"config": c, "split": s, "rows": v["rows"]} for c, splits in config_splits.items() for s, v in splits.items()],
-        total_rows=stats.total_rows,
-        n_files=len(stats.manifest.get("files", {})),
-        size=_human_bytes(sum(v["bytes"] for v in stats.shards.values())),
+        total_rows=folder.total_rows,
+        n_files=len(folder.files),
+        size=_human_bytes(sum(v["bytes"] for v in folder.shard_totals.values())),
         fields=fields_table(stats.examples.get("preference") or stats.examples.get("eval") or {},
                             PREFERENCE_FEATURES if "preference" in stats.examples else EVAL_FEATURES),
         eval_fields=", ".join(f"`{name}`" for name in EVAL_FEATURES),
@@ -119,10 +125,10 @@ def _context(stats: FolderStats, taxonomy: Taxonomy) -> dict:
         unsafe_labelled=sum(u.labelled for u in stats.unsafe.values()),
         has_unsafe_plot=bool(unsafe_rows),
         models_text=_models_text(stats),
-        load=load_example(stats, taxonomy, config_splits),
+        load=load_example(stats, config_splits),
         extra_limitations=list(opts.get("limitations", [])),
-        build_config_hash=stats.manifest.get("build_config_hash", "unknown"),
-        human_validation=_human_validation(stats.root),
+        build_config_hash=folder.manifest.get("build_config_hash", "unknown"),
+        human_validation=_human_validation(folder.root),
     )
 
 
@@ -174,9 +180,10 @@ def folder_name(root: Path) -> str:
     return match.group(1) if match else root.name
 
 
-def load_example(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict) -> dict:
+def load_example(stats: FolderStats, config_splits: dict) -> dict:
     """What the load examples name: this very folder (or its Hub repo), a config it has, splits that config has."""
-    opts = stats.card_options
+    folder, taxonomy = stats.folder, stats.folder.taxonomy
+    opts = folder.card_options
     repo = opts.get("repo_id")
     domains = [slug for slug in taxonomy.slugs if slug in config_splits]
     domain = "malicious_use" if "malicious_use" in domains else (domains[0] if domains else DEFAULT_CONFIG)
@@ -184,9 +191,9 @@ def load_example(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict) ->
     label = taxonomy.domain(domain).label if domain in taxonomy.slugs else None
     category = next((c for (a, c, s), n in sorted(stats.rows_by_category.items(), key=str) if a == label and n), None)
     return {
-        "source": repo or folder_name(stats.root),
+        "source": repo or folder_name(folder.root),
         "is_hub": bool(repo),
-        "revision_arg": f', revision="v{stats.version}"' if repo else "",
+        "revision_arg": f', revision="v{folder.version}"' if repo else "",
         "domain": domain,
         "splits": " + ".join(splits) or "no rows",
         "split": "train" if "train" in splits else (splits[0] if splits else None),
@@ -195,9 +202,10 @@ def load_example(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict) ->
     }
 
 
-def card_metadata(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict | None = None) -> DatasetCardData:
+def card_metadata(stats: FolderStats, config_splits: dict | None = None) -> DatasetCardData:
     """The card's YAML: licence, tasks, tags, gating, ``configs`` (data files) and ``dataset_info`` (counts)."""
-    config_splits = config_splits if config_splits is not None else stats.config_splits(taxonomy)
+    folder = stats.folder
+    config_splits = config_splits if config_splits is not None else folder.config_splits()
     card_data = DatasetCardData()
     patterns = config_data_files([c for c in config_splits if c not in (DEFAULT_CONFIG, TEST_CONFIG)])
     configs = {name: {"data_files": [{"split": s, "path": patterns[name][s]} for s in splits]}
@@ -221,9 +229,9 @@ def card_metadata(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict | 
         )
     DatasetInfosDict(infos).to_dataset_card_data(card_data)
 
-    opts = stats.card_options
+    opts = folder.card_options
     data = card_data.to_dict()
-    if stats.build_config.get("source") == "upstream":  # imported: the Hub links the card to its source
+    if folder.build_config.get("source") == "upstream":  # imported: the Hub links the card to its source
         data["source_datasets"] = [UPSTREAM_REPO]
     data.update({
         "license": LICENSE,
@@ -232,7 +240,7 @@ def card_metadata(stats: FolderStats, taxonomy: Taxonomy, config_splits: dict | 
         "task_categories": ["visual-question-answering", "image-text-to-text"],
         "tags": ["safety", "preference", "dpo", "rlhf", "vision-language", "harmful-content"]
                 + (["synthetic"] if opts.get("synthetic") else []),
-        "size_categories": [_size_category(stats.total_rows)],
+        "size_categories": [_size_category(folder.total_rows)],
         "extra_gated_prompt": GATING_PROMPT,
         "extra_gated_fields": GATING_FIELDS,
     })
@@ -271,7 +279,7 @@ def _unsafe_rows(stats: FolderStats, taxonomy: Taxonomy) -> list[dict]:
 
 
 def _models_text(stats: FolderStats) -> str:
-    cfg = stats.build_config
+    cfg = stats.folder.build_config
     source = cfg.get("source")
     lines = []
     answered = stats.chosen_models + stats.rejected_models
@@ -320,25 +328,11 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     if path.exists() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
     return True
-
-
-def _set_card_option(root: Path, key: str, value) -> None:
-    path = root / "manifest.json"
-    manifest = read_manifest(root)
-    if manifest.setdefault("card", {}).get(key) != value:
-        manifest["card"][key] = value
-        write_if_changed(path, manifest_bytes(manifest))
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _human_validation(root: Path) -> str:
     """The "Human validation" section that `spa-vl review --report` wrote into the folder, if any."""
-    path = Path(root) / "review" / "human_validation.md"  # builder.review.render.CARD_SECTION_FILE
+    path = Path(root) / REVIEW_DIR / "human_validation.md"  # builder.review.render.CARD_SECTION_FILE
     return path.read_text(encoding="utf-8").strip() if path.is_file() else ""

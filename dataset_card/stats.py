@@ -1,11 +1,12 @@
 """What the card says about a dataset folder, read from the folder itself.
 
-Everything comes from ``manifest.json`` (files, rows, sizes, version, build config, card options)
-and from the shards: a few small columns (labels, question type, models, safety labels) read with
-column projection, the image column a few hundred rows at a time (hashed, to count distinct images
-per category), and the first row of each kind (the card's example row)::
+Files, rows, sizes, version, build config and card options come from the folder's manifest (the
+``DatasetFolder`` value); the rest from the shards: a few small columns (labels, question type,
+models, safety labels) read with column projection, the image column a few hundred rows at a time
+(hashed, to count distinct images per category), and the first row of each kind (the card's example
+row)::
 
-    stats = FolderStats.read("out/spa_vl")
+    stats = FolderStats.read(DatasetFolder.open("out/spa_vl"))
     stats.rows_by_category[("Malicious Use", "Fraud or deceptive action", "train")]   # 1,204
     stats.unsafe["Malicious Use", "Fraud or deceptive action"]  # UnsafeRates(questions=..., ...)
 """
@@ -25,16 +26,9 @@ import pyarrow.parquet as pq
 from PIL import Image as PILImage
 
 from builder.errors import DataError
-from builder.format.folder import (
-    DEFAULT_CONFIG,
-    EVAL_SPLITS,
-    PREFERENCE_SPLITS,
-    TEST_CONFIG,
-    read_manifest,
-)
-from builder.taxonomy import Taxonomy
+from builder.format.layout import PREFERENCE_SPLITS
+from builder.format.manifest import DatasetFolder
 
-SPLITS = PREFERENCE_SPLITS + EVAL_SPLITS
 _PREFERENCE_COLUMNS = ("class1", "class2", "question_type", "chosen_model", "rejected_model",
                        "question_unsafe", "chosen_unsafe", "rejected_unsafe")
 _EVAL_COLUMNS = ("class1", "class2")
@@ -62,10 +56,7 @@ class UnsafeRates:
 
 @dataclass
 class FolderStats:
-    root: Path
-    manifest: dict
-    # (folder under data/, split) → rows, bytes, arrow bytes; from the manifest
-    shards: dict[tuple[str, str], dict[str, int]]
+    folder: DatasetFolder  # files, rows, sizes, version, build config and card options come from its manifest
     rows_by_category: Counter = field(default_factory=Counter)  # (class1, class2, split) → rows
     # (class1, class2) → distinct images (by content) of train + validation
     images_by_category: Counter = field(default_factory=Counter)
@@ -76,64 +67,24 @@ class FolderStats:
     rejected_models: Counter = field(default_factory=Counter)
 
     @property
-    def version(self) -> str:
-        return str(self.manifest.get("version", "0.0.0"))
-
-    @property
-    def build_config(self) -> dict:
-        return self.manifest.get("build_config") or {}
-
-    @property
-    def card_options(self) -> dict:
-        return self.manifest.get("card") or {}
-
-    @property
-    def total_rows(self) -> int:
-        return sum(v["rows"] for v in self.shards.values())
-
-    @property
     def has_safety_labels(self) -> bool:
         return any(u.labelled for u in self.unsafe.values())
 
-    def config_splits(self, taxonomy: Taxonomy) -> dict[str, dict[str, dict[str, int]]]:
-        """config → split → {rows, bytes, num_bytes} for the configs and splits that hold rows.
-
-        A domain config is its folder; ``default`` is every preference folder (``unattributed``
-        included); ``test`` is ``data/test``. Empty splits and configs are left out: ``datasets``
-        cannot load a declared split with no rows.
-        """
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        members = {DEFAULT_CONFIG: [f for f, _ in self.shards if f != TEST_CONFIG]}
-        members |= {slug: [slug] for slug in taxonomy.slugs}
-        members[TEST_CONFIG] = [TEST_CONFIG]
-        for config, folders in members.items():
-            for split in EVAL_SPLITS if config == TEST_CONFIG else PREFERENCE_SPLITS:
-                parts = [self.shards[(f, split)] for f in dict.fromkeys(folders) if (f, split) in self.shards]
-                total = {k: sum(p[k] for p in parts) for k in ("rows", "bytes", "num_bytes")}
-                if total["rows"]:
-                    out.setdefault(config, {})[split] = total
-        return out
-
     @classmethod
-    def read(cls, root: str | Path) -> "FolderStats":
-        root = Path(root)
-        manifest = read_manifest(root)
-        shards: dict[tuple[str, str], dict[str, int]] = {}
-        stats = cls(root=root, manifest=manifest, shards=shards)
+    def read(cls, folder: DatasetFolder) -> "FolderStats":
+        """Count what the card shows from the shards the folder's manifest lists."""
+        stats = cls(folder=folder)
         images: dict[tuple[str, str], set] = {}
-        for rel, entry in sorted(manifest.get("files", {}).items()):
-            folder, split = shard_key(rel)
-            agg = shards.setdefault((folder, split), {"rows": 0, "bytes": 0, "num_bytes": 0})
-            agg["rows"] += int(entry.get("rows", 0))
-            agg["bytes"] += int(entry.get("bytes", 0))
-            agg["num_bytes"] += int(entry.get("num_bytes", 0))
-            try:
-                stats._count(root / rel, split)
-                if split in PREFERENCE_SPLITS:
-                    _count_images(root / rel, images)
-                stats._keep_example(root / rel, split)
-            except (OSError, pa.ArrowException) as e:
-                raise DataError(f"cannot read the shard: {e}; run `spa-vl validate`", file=rel) from None
+        for (_, split), rels in folder.shards.items():
+            for rel in rels:
+                path = folder.root / rel
+                try:
+                    stats._count(path, split)
+                    if split in PREFERENCE_SPLITS:
+                        _count_images(path, images)
+                    stats._keep_example(path, split)
+                except (OSError, pa.ArrowException) as e:
+                    raise DataError(f"cannot read the shard: {e}; run `spa-vl validate`", file=rel) from None
         for key, names in images.items():
             stats.images_by_category[key] = len(names)
         return stats
@@ -203,14 +154,3 @@ def describe_image(data: bytes | None) -> str:
             return f"{im.format}, {im.width}×{im.height} px, {len(data):,} bytes"
     except Exception:  # noqa: BLE001 - the card describes, validate judges
         return f"{len(data):,} bytes (not a readable image)"
-
-
-def shard_key(rel: str) -> tuple[str, str]:
-    """``data/<folder>/<split>-0000K-of-0000N.parquet`` → (folder, split)."""
-    parts = rel.split("/")
-    if len(parts) != 3 or parts[0] != "data" or "-" not in parts[2]:
-        raise DataError("not a shard path of a dataset folder (data/<folder>/<split>-*.parquet)", file=rel)
-    split = parts[2].split("-", 1)[0]
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r} in a shard path", file=rel)
-    return parts[1], split

@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from builder.format.folder import DatasetFolderWriter
+from builder.format.writer import DatasetFolderWriter
 from builder.taxonomy import Taxonomy
 from dataset_card.card import GATING_PROMPT, render_folder_card
 from dataset_card.plots import ROWS_PLOT, UNSAFE_PLOT
@@ -126,7 +126,7 @@ def test_without_safety_labels_the_card_says_so_and_draws_no_unsafe_plot(fixture
                          rejected_model=None)
             rows.append((r, split))
     out = tmp_path / "nolabels"
-    with DatasetFolderWriter(out, build_config={"source": "test"}) as w:
+    with DatasetFolderWriter(out, build_config={"source": "test"}, finish=render_folder_card) as w:
         for r, split in rows:
             w.add(r, split)
     text = (out / "README.md").read_text()
@@ -203,7 +203,7 @@ def test_install_and_login_are_explained(folder):
 
 def test_no_sentence_about_unsafe_rates_when_the_card_shows_none(fixture_folder, tmp_path):
     out = tmp_path / "nolabels"
-    with DatasetFolderWriter(out, build_config={"source": "test"}) as w:
+    with DatasetFolderWriter(out, build_config={"source": "test"}, finish=render_folder_card) as w:
         for rel in json.loads((fixture_folder / "manifest.json").read_text())["files"]:
             split = rel.split("/")[-1].split("-")[0]
             for r in pq.read_table(fixture_folder / rel).to_pylist():
@@ -248,7 +248,7 @@ def test_the_cards_load_examples_run_on_that_very_folder(tmp_path):
     taxonomy = Taxonomy.load()
     out = tmp_path / "spa_vl"
     args = dict(seed=0, size=32, texture=False)
-    with DatasetFolderWriter(out, build_config={"source": "test"}) as w:
+    with DatasetFolderWriter(out, build_config={"source": "test"}, finish=render_folder_card) as w:
         for slug in ("malicious_use", "socioeconomic"):
             for img in _images(taxonomy, slug, 2, **args):
                 for row in preference_rows(img, f"{slug}_{img.n}.jpg"):

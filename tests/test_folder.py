@@ -1,4 +1,5 @@
-"""The dataset folder (builder.format.folder): layout, manifest, card, configs, atomicity, split assignment."""
+"""The dataset folder (builder.format: layout, manifest, writer): layout, manifest, card, configs, atomicity,
+split assignment."""
 
 from __future__ import annotations
 
@@ -16,14 +17,12 @@ from huggingface_hub import DatasetCard
 from PIL import Image as PILImage
 
 from builder.errors import DataError
-from builder.format.folder import (
-    DatasetFolderWriter,
-    build_config_hash,
-    read_manifest,
-    split_for,
-)
+from builder.format.layout import split_for
+from builder.format.manifest import build_config_hash, read_manifest
+from builder.format.writer import DatasetFolderWriter
 from builder.format.schema import image_sha256, row_id
 from builder.taxonomy import Taxonomy
+from dataset_card.card import render_folder_card
 
 TAX = Taxonomy.load()
 SLUGS = list(TAX.slugs)
@@ -66,7 +65,7 @@ def build(out: Path, *, unattributed: int = 0, **kw) -> dict:
     Returns the expected row counts: {(folder, split): rows}.
     """
     expected = Counter()
-    with DatasetFolderWriter(out, build_config={"source": "test"}, **kw) as w:
+    with DatasetFolderWriter(out, build_config={"source": "test"}, finish=render_folder_card, **kw) as w:
         for d in TAX.domains:
             paths = [(d.label, c, s.label) for c, s in d.subcategories]
             for i, split in enumerate(("train", "validation", "train")):
@@ -373,7 +372,7 @@ def test_unattributed_rows_in_default_only(folder_unattributed, tmp_path):
 
 def test_config_with_an_empty_split_loads(tmp_path):
     out = tmp_path / "out"
-    with DatasetFolderWriter(out) as w:
+    with DatasetFolderWriter(out, finish=render_folder_card) as w:
         for d in TAX.domains:
             path = (d.label, *[(c, s.label) for c, s in d.subcategories][0])
             for row in pref_rows(f"{d.slug}-t", path):

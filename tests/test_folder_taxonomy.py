@@ -9,7 +9,7 @@ import pytest
 from custom_taxonomy import custom_folder
 
 from builder.errors import DataError
-from builder.format.folder import folder_taxonomy
+from builder.format.manifest import folder_taxonomy
 from builder.taxonomy import Taxonomy
 from builder.validate import validate
 from builder.versioning import bump

@@ -21,7 +21,7 @@ import pytest
 
 from builder.cli import main
 from builder.dev.fixture import write_fixture
-from builder.format.folder import prepare_output, sweep_stale
+from builder.format.output import prepare_output, sweep_stale
 
 SPA_VL = str(Path(sys.executable).with_name("spa-vl"))
 

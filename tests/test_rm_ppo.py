@@ -18,10 +18,12 @@ import torch
 
 from builder.errors import DataError
 from builder.dev.fixture import FixtureImage, draw_image, preference_rows
-from builder.format.folder import DatasetFolderWriter, split_for
+from builder.format.layout import split_for
+from builder.format.writer import DatasetFolderWriter
 from builder.format.schema import image_sha256, row_id
 from builder.taxonomy import Taxonomy
 from builder.dev.tiny_vlm import build_tiny_llava
+from dataset_card.card import render_folder_card
 from training.config import load_config
 from training.data import load_rows, prepare_preferences
 from training.models import vlm_parts
@@ -50,7 +52,7 @@ def planted(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "planted"
     taxonomy = Taxonomy.load()
     paths = taxonomy.paths()
-    with DatasetFolderWriter(out, taxonomy=taxonomy) as writer:
+    with DatasetFolderWriter(out, taxonomy=taxonomy, finish=render_folder_card) as writer:
         for n in range(60):
             c1, c2, c3 = paths[(n * 5) % len(paths)]
             data = draw_image(f"planted/{n}", c3, size=32)

@@ -16,7 +16,8 @@ import pytest
 from datasets import Dataset, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 
-from builder.format.shards import ShardWriter, arrow_schema, file_sha256
+from builder.files import file_digest
+from builder.format.shards import ShardWriter, arrow_schema
 
 FEATURES = Features({"id": Value("string"), "image": Image(), "n": Value("int64")})
 SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.parquet$")
@@ -83,7 +84,7 @@ def test_shard_records_match_files(tmp_path):
     for s in w.shards:
         assert s.path.parent == tmp_path
         data = s.path.read_bytes()
-        assert s.sha256 == hashlib.sha256(data).hexdigest() == file_sha256(s.path)
+        assert s.sha256 == hashlib.sha256(data).hexdigest() == file_digest(s.path)
         assert s.bytes == len(data)
         table = pq.read_table(s.path)
         assert s.rows == table.num_rows == pq.ParquetFile(s.path).metadata.num_rows

@@ -25,6 +25,18 @@ def test_domains_match_the_taxonomy_file():
     assert spa_vl.DOMAINS == {d.slug: d.label for d in tax.domains}
 
 
+def test_the_layout_copy_is_the_folder_formats():
+    """spa_vl.py stands alone, so it keeps a copy of the layout it reads; the owner is builder.format.layout."""
+    from builder.format import layout
+
+    assert (spa_vl.PREFERENCE_SPLITS, spa_vl.EVAL_SPLITS) == (layout.PREFERENCE_SPLITS, layout.EVAL_SPLITS)
+    assert spa_vl.TAXONOMY_FILE == layout.TAXONOMY_FILE
+    slugs = [d.slug for d in Taxonomy.load().domains]
+    owner = layout.config_data_files(slugs)
+    assert {c: {s: g + ".parquet" for s, g in splits.items()} for c, splits in owner.items()} == \
+        {c: spa_vl.config_files(c) for c in owner}
+
+
 def test_builder_class_reads_one_domain(fixture_folder, tmp_path):
     builder = spa_vl.SpaVL(config_name="malicious_use", source=str(fixture_folder), cache_dir=str(tmp_path))
     builder.download_and_prepare()

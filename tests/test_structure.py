@@ -22,6 +22,7 @@ LAYERS = {
     "builder": 1, "builder.errors": 1, "builder.files": 1, "builder.settings": 1, "builder.retry": 1,
     "builder.config_fields": 1, "builder.taxonomy": 1, "builder.shipped": 1,
     "builder.format": 1, "builder.format.schema": 2, "builder.format.shards": 2, "builder.format.writer": 2,
+    "builder.format.history": 2,
     "spa_vl": 2,
     "dataset_card": 3,
     "builder.validate": 4, "builder.versioning": 4, "builder.upstream": 4,

@@ -17,11 +17,14 @@ import pytest
 from huggingface_hub import DatasetCard
 
 import builder.format.schema
-import builder.validate
+import builder.validate.rows
+import builder.validate.run
+import builder.validate.scan
 from builder.errors import DataError
 from builder.dev.fixture import write_fixture
 from builder.taxonomy import Taxonomy
-from builder.validate import CHECKS, MAX_IMAGE_BYTES, ValidationReport, validate
+from builder.validate import CHECKS, ValidationReport, validate
+from builder.validate.rows import MAX_IMAGE_BYTES
 
 TAX = Taxonomy.load()
 MALICIOUS_TRAIN = "data/malicious_use/train-00000-of-00001.parquet"
@@ -279,11 +282,11 @@ def test_images_cut_jpeg_tail_fails_in_the_default_mode(folder):
 
 
 def test_images_byte_and_pixel_limits(clean, monkeypatch):
-    monkeypatch.setattr(builder.validate, "MAX_IMAGE_BYTES", 100)
+    monkeypatch.setattr(builder.validate.rows, "MAX_IMAGE_BYTES", 100)
     r = validate(clean, load_configs=False, progress=False)
     assert failing(r) == {"images"} and r.check("images").failed == 80
     assert first(r, "images")[1:] == (0, "image") and "100-byte limit" in r.check("images").first["message"]
-    monkeypatch.setattr(builder.validate, "MAX_IMAGE_BYTES", MAX_IMAGE_BYTES)
+    monkeypatch.setattr(builder.validate.rows, "MAX_IMAGE_BYTES", MAX_IMAGE_BYTES)
     monkeypatch.setattr(builder.format.schema, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # the fixture's images are 64 x 64
     r = validate(clean, load_configs=False, progress=False)
     assert failing(r) == {"images"} and "outside limits" in r.check("images").first["message"]
@@ -418,7 +421,8 @@ def test_config_that_does_not_load(folder):
 
 def test_unattributed_rows_pass(tmp_path):
     from builder.dev.fixture import FixtureImage, draw_image, eval_row, preference_rows
-    from builder.format.folder import DatasetFolderWriter
+    from builder.format.writer import DatasetFolderWriter
+    from dataset_card.card import render_folder_card
     from builder.format.schema import image_sha256
 
     def image(key, labels):
@@ -426,7 +430,7 @@ def test_unattributed_rows_pass(tmp_path):
         return FixtureImage(0, *labels, data, image_sha256(data))
 
     root = tmp_path / "un"
-    with DatasetFolderWriter(root) as w:
+    with DatasetFolderWriter(root, finish=render_folder_card) as w:
         for d in TAX.domains:
             class2, sub = d.subcategories[0]
             for row in preference_rows(image(d.slug, (d.label, class2, sub.label)), f"{d.slug}.jpg"):
@@ -442,9 +446,9 @@ def test_unattributed_rows_pass(tmp_path):
 
 
 def test_a_check_that_breaks_does_not_stop_the_others(clean, monkeypatch):
-    def boom(self):
+    def boom(*args):
         raise RuntimeError("bug in the card check")
-    monkeypatch.setattr(builder.validate._FolderScan, "card_counts", boom)
+    monkeypatch.setattr(builder.validate.run, "check_card_counts", boom)
     r = validate(clean, progress=False)
     assert failing(r) == {"card_counts"}
     assert r.check("card_counts").first["message"] == "check stopped: RuntimeError: bug in the card check"
@@ -470,7 +474,7 @@ def test_rows_are_located_across_batches(folder, monkeypatch):
     rows[5] = rows[0]
     rewrite(folder, MALICIOUS_TRAIN, pa.Table.from_pylist(rows, schema=table.schema))
     whole = validate(folder, load_configs=False, progress=False)
-    monkeypatch.setattr(builder.validate, "BATCH_ROWS", 2)
+    monkeypatch.setattr(builder.validate.scan, "BATCH_ROWS", 2)
     batched = validate(folder, load_configs=False, progress=False)
     assert failing(batched) == failing(whole) == {"labels", "duplicates"}
     assert first(batched, "labels") == first(whole, "labels") == (MALICIOUS_TRAIN, 7, "class1")

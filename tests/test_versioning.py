@@ -13,7 +13,8 @@ import pytest
 
 from builder.errors import DataError
 from builder.dev.fixture import write_fixture
-from builder.versioning import ROW_IDS, bump, bumped, recorded_ids
+from builder.format.history import ROW_IDS, recorded_ids
+from builder.versioning import bump, bumped
 from dataset_card.card import render_folder_card
 
 SPA_VL = str(Path(sys.executable).with_name("spa-vl"))

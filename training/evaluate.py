@@ -74,7 +74,7 @@ UNLABELLED = "(unlabelled)"
 def _domain_labels(domains: list[str] | None, rows: dict[str, list[dict]], dataset: str) -> set[str] | None:
     if not domains:
         return None
-    from builder.format.folder import folder_taxonomy
+    from builder.format.manifest import folder_taxonomy
     from builder.taxonomy import Taxonomy
 
     tax = folder_taxonomy(dataset) if Path(dataset).is_dir() else Taxonomy.load()  # a folder's labels are its own

@@ -34,11 +34,13 @@ class ReleaseCommands:
           load_configs: also load every config with `datasets` (the slowest check).
           progress: show a progress bar.
         """
+        from builder.format.manifest import DatasetFolder
         from builder.validate import validate
 
         if not Path(dir).is_dir():
             raise DataError("no such dataset folder", file=dir)
-        report = validate(dir, full_decode=full_decode, load_configs=load_configs, progress=progress)
+        report = validate(DatasetFolder.open(dir, lenient=True), full_decode=full_decode, load_configs=load_configs,
+                          progress=progress)
         print(_json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if json else report.format_table())
         if not report.ok:
             sys.exit(1)
@@ -56,12 +58,12 @@ class ReleaseCommands:
           dir: the dataset folder.
           repo_id: the Hub repo the card's examples load from (remembered in manifest.json).
         """
-        from builder.format.folder import folder_taxonomy
+        from builder.format.manifest import DatasetFolder
         from dataset_card.card import render_folder_card
 
         if not Path(dir).is_dir():
             raise DataError("no such dataset folder", file=dir)
-        result = render_folder_card(dir, repo_id=repo_id, taxonomy=folder_taxonomy(dir))
+        result = render_folder_card(DatasetFolder.open(dir), repo_id=repo_id)
         changed = ", ".join(result.changed) if result.changed else "nothing (already up to date)"
         print(f"card: {len(result.files)} files rendered, changed: {changed}")
 
@@ -80,9 +82,10 @@ class ReleaseCommands:
           bump: patch, minor or major.
           previous: a dataset folder of the previous version to compare with.
         """
+        from builder.format.manifest import DatasetFolder
         from builder.versioning import bump as do_bump
 
-        r = do_bump(dir, bump, previous=previous)
+        r = do_bump(DatasetFolder.open(dir), bump, previous=previous)
         if r.finished_interrupted:
             print(f"version: an earlier bump to {r.version} had crashed after writing the manifest; it is finished now "
                   f"(row ids recorded, card rendered). Run again to bump further.")
@@ -114,11 +117,12 @@ class ReleaseCommands:
           full_decode: validate with a full image decode.
           retries: attempts per Hub call beyond the first.
         """
+        from builder.format.manifest import DatasetFolder
         from builder.hub import PublishRefused, publish
 
         try:
-            result = publish(dir, repo_id, private=private, gated=gated, dry_run=dry_run, full_decode=full_decode,
-                             retries=retries)
+            result = publish(DatasetFolder.open(dir), repo_id, private=private, gated=gated, dry_run=dry_run,
+                             full_decode=full_decode, retries=retries)
         except PublishRefused as e:
             print(f"spa-vl publish: refused: {e}", file=sys.stderr)
             sys.exit(1)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from builder.dev.fixture import write_fixture
-from builder.format.folder import read_manifest
+from builder.format.manifest import read_manifest
 from builder.taxonomy import Taxonomy
 from builder.upstream.importer import import_upstream
 

@@ -5,7 +5,7 @@ sits in exactly one split, every label comes from the taxonomy, and the texts ca
 quirks (a leading space, quotes, a leading "\\n\\n"), so a fixture passes every check a real release
 must and exercises what real text does. Two layouts:
 
-- ``spa_vl``: our dataset folder (``builder.format.folder``), labelled synthetic in its card;
+- ``spa_vl``: our dataset folder (``builder.format.writer``), labelled synthetic in its card;
 - ``upstream``: the ``sqrti/SPA-VL`` layout, for the importer (see ``_write_upstream``): train
   parquet without labels whose ``image_name`` ``k.jpg`` indexes ``train/meta.json``, and
   ``train.zip`` with that meta file and the ``class1/class2/class3/<n>.jpg`` image tree.
@@ -39,16 +39,13 @@ from tqdm.auto import tqdm
 
 from builder.errors import DataError
 from builder.files import built_beside
-from builder.format.folder import (
-    UPSTREAM_FIXTURE_MARK,
-    DatasetFolderWriter,
-    FolderSummary,
-    prepare_output,
-    raise_write_error,
-)
+from builder.format.layout import UPSTREAM_FIXTURE_MARK
+from builder.format.output import prepare_output, raise_write_error
+from builder.format.writer import DatasetFolderWriter, FolderSummary
 from builder.format.schema import QUESTION_TYPES, image_sha256, row_id
 from builder.format.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, arrow_schema
 from builder.taxonomy import Taxonomy
+from dataset_card.card import render_folder_card
 
 LAYOUTS = ("spa_vl", "upstream")
 META_PLACES = ("zip", "tree")  # where the upstream layout keeps train/meta.json: inside train.zip, or beside it
@@ -208,7 +205,7 @@ def write_fixture(
                     "seed": seed, "image_size": image_size, "texture": texture, "taxonomy": taxonomy.sha256}
     card = {"title": "SPA-VL synthetic fixture", "synthetic": True}
     with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, card=card, overwrite=overwrite,
-                             max_shard_bytes=max_shard_bytes) as writer:
+                             max_shard_bytes=max_shard_bytes, finish=render_folder_card) as writer:
         for slug in taxonomy.slugs:
             for img in _images(taxonomy, slug, images_per_domain, **args):
                 for row in preference_rows(img, f"{slug}_{img.n}.jpg"):

@@ -13,7 +13,6 @@ The same rows in the same order give byte-identical files (no timestamps; fixed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +21,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Features
+
+from builder.files import file_digest
+from builder.format.layout import shard_name
 
 DEFAULT_MAX_SHARD_BYTES = 500 * 1024 * 1024  # upstream shards are 410-790 MB
 DEFAULT_ROW_GROUP_ROWS = 100  # what `datasets` uses for image columns: keeps random access cheap
@@ -40,14 +42,6 @@ def arrow_schema(features: Features) -> pa.Schema:
     """The Arrow schema with the `datasets` features stored in its metadata, as `datasets` writes it."""
     meta = {"huggingface": json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True)}
     return features.arrow_schema.with_metadata(meta)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardWriter:
@@ -125,9 +119,9 @@ class ShardWriter:
             self._writer = None
         n = len(self._parts)
         for k, (tmp, rows, nbytes) in enumerate(self._parts):
-            final = self.directory / f"{self.split}-{k:05d}-of-{n:05d}.parquet"
+            final = self.directory / shard_name(self.split, k, n)
             os.replace(tmp, final)
-            self.shards.append(Shard(final, file_sha256(final), final.stat().st_size, rows, nbytes))
+            self.shards.append(Shard(final, file_digest(final), final.stat().st_size, rows, nbytes))
         self._closed = True
         return self.shards
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from builder.config_fields import check_mapping, check_value, typed_section
 from builder.errors import DataError
-from builder.format.folder import parse_version
+from builder.format.manifest import parse_version
 from builder.generate.image_sources import source_config
 from builder.generate.images import ImageFilters
 from builder.generate.model_spec import ModelSpec, check_params

@@ -27,12 +27,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.format.folder import DatasetFolderWriter, FolderSummary, split_for
+from builder.format.layout import split_for
+from builder.format.writer import DatasetFolderWriter, FolderSummary
 from builder.format.schema import row_id
 from builder.generate.config import RunSnapshot
 from builder.generate.run_store import RunStore
 from builder.generate.stages import QUESTION_TYPES
 from builder.taxonomy import Taxonomy
+from dataset_card.card import render_folder_card
 
 KEPT = ("agreed", "averaged")  # judge statuses that make a preference row
 
@@ -177,7 +179,7 @@ def _write(store: RunStore, run_dir: Path, out, records: list[dict], snap: RunSn
     where = str(run_dir / "run.sqlite")
     duplicates = 0
     with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, version=opts.version,
-                             card=card, overwrite=overwrite, inputs=(run_dir,)) as writer:
+                             card=card, overwrite=overwrite, inputs=(run_dir,), finish=render_folder_card) as writer:
         for r in tqdm(records, desc="build", unit="unit", disable=not progress, leave=False):
             rows, repeated, _ = unit_rows(r, snap)
             duplicates += repeated

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.format.folder import DEFAULT_CONFIG, PREFERENCE_SPLITS, TEST_CONFIG, read_manifest
+from builder.format.layout import DEFAULT_CONFIG, PREFERENCE_SPLITS, TEST_CONFIG
+from builder.format.manifest import DatasetFolder
 from builder.taxonomy import Taxonomy
 
 _LABEL_COLUMNS = ("id", "class1", "class2", "class3", "question_type", "question",
@@ -78,22 +79,16 @@ class FolderSource:
 
     def __init__(self, root: Path):
         self.root = root
-        self.manifest = read_manifest(root)
-        self.taxonomy = Taxonomy.load()
+        self.folder = DatasetFolder.open(root)
+        self.manifest, self.taxonomy = self.folder.manifest, self.folder.taxonomy
         self.version = str(self.manifest.get("version", ""))
         self._where: dict[str, tuple[str, int]] = {}  # id -> (file relative to root, row in file)
         self._files: dict[str, pq.ParquetFile] = {}
         self._lock = threading.Lock()
 
     def _shards(self, config: str | None) -> list[str]:
-        out = []
-        for rel in sorted(self.manifest.get("files", {})):
-            parts = rel.split("/")
-            if len(parts) != 3 or parts[0] != "data" or parts[1] == TEST_CONFIG or not rel.endswith(".parquet"):
-                continue
-            if parts[2].split("-")[0] in PREFERENCE_SPLITS and config in (None, parts[1]):
-                out.append(rel)
-        return out
+        return sorted(rel for (folder, split), rels in self.folder.shards.items() for rel in rels
+                      if folder != TEST_CONFIG and split in PREFERENCE_SPLITS and config in (None, folder))
 
     def labels(self, config: str | None = None) -> list[PairLabels]:
         out = []

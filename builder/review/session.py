@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import DataError
-from builder.format.folder import REVIEW_DIR
+from builder.format.layout import REVIEW_DIR
 from builder.review.pairs import PairText, describe, open_source
 from builder.review.report import DEFAULT_RESAMPLES, compute_report
 from builder.review.render import write_report_files
@@ -120,5 +120,5 @@ def make_report(root: str | Path, *, resamples: int = DEFAULT_RESAMPLES) -> Repo
     if rendered:
         from dataset_card.card import render_folder_card
 
-        changed += render_folder_card(root).changed  # the card's "Human validation" section
+        changed += render_folder_card(source.folder).changed  # the card's "Human validation" section
     return ReportResult(report, changed, rendered)

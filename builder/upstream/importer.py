@@ -47,10 +47,11 @@ from huggingface_hub.errors import (
 from tqdm.auto import tqdm
 
 from builder.errors import DataError
-from builder.format.folder import DatasetFolderWriter
+from builder.format.writer import DatasetFolderWriter
 from builder.format.schema import check_image, check_table_schema, image_sha256, invalid_utf8, row_id
 from builder.taxonomy import Taxonomy
 from builder.upstream.labels import METHODS, TREE_DIR, TREE_ZIP, TrainAttribution, attribute_train
+from dataset_card.card import render_folder_card
 
 UPSTREAM_REPO = "sqrti/SPA-VL"
 SPLITS = ("train", "validation", "harm", "help")  # upstream split → the same split name in our folder
@@ -156,15 +157,7 @@ def import_upstream(
         raise DataError("--revision applies to a Hub repo id, not to a local folder", file=str(src), field="revision")
     source = Path(src).resolve().name if local else str(src)
     # Built first: it refuses a non-empty `out` before anything is downloaded. It writes on `with` only.
-    writer = DatasetFolderWriter(
-        out,
-        taxonomy=taxonomy,
-        build_config={"source": "upstream", "src": source, "revision": revision, "taxonomy": taxonomy.sha256},
-        card=CARD,
-        overwrite=overwrite,
-        inputs=(src, class_map, meta),
-        decode=None,  # every distinct image is checked here, once (see _write_rows)
-    )
+    writer = _writer(out, source, revision, taxonomy, overwrite, inputs=(src, class_map, meta))
     if local:
         root, commit = Path(src), None
     else:
@@ -177,13 +170,28 @@ def import_upstream(
     rows_in = {split: sum(f.rows for f in files) for split, files in inputs.items()}
     with writer, tqdm(total=sum(rows_in.values()), desc="import", unit="row", disable=not progress) as bar:
         images = _write_rows(writer, inputs, labels, bar)
-    rows_out = _rows_written(writer, rows_in)
     train_files = [f.rel for f in inputs["train"]]
     return ImportReport(
-        out=writer.out, source=source, commit=commit, rows_in=rows_in, rows_out=rows_out,
+        out=writer.out, source=source, commit=commit, rows_in=rows_in, rows_out=_rows_written(writer, rows_in),
         attributed_by=labels.counts, unattributed=labels.unattributed, reasons=labels.reasons,
         unattributed_examples=[(train_files[f], row, why) for f, row, why in labels.examples],
         label_sources=labels.sources, images=images, seconds=time.perf_counter() - started,
+    )
+
+
+def _writer(out, source: str, revision: str | None, taxonomy: Taxonomy, overwrite: bool, inputs: tuple
+            ) -> DatasetFolderWriter:
+    """The folder writer of an import: it refuses a non-empty ``out`` now, writes on ``with`` only, and
+    renders the card on the finished folder."""
+    return DatasetFolderWriter(
+        out,
+        taxonomy=taxonomy,
+        build_config={"source": "upstream", "src": source, "revision": revision, "taxonomy": taxonomy.sha256},
+        card=CARD,
+        overwrite=overwrite,
+        inputs=inputs,
+        decode=None,  # every distinct image is checked here, once (see _write_rows)
+        finish=render_folder_card,
     )
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from builder.upstream.archive import SafeZip
 from builder.upstream.class_map import load_class_map
 from builder.errors import DataError
-from builder.format.shards import file_sha256
+from builder.files import file_digest
 from builder.taxonomy import Taxonomy
 from builder.upstream.meta import MetaIndex, meta_index, text_key
 
@@ -265,7 +265,7 @@ class ImageTree:
     def sha256(self, image: TreeImage) -> str:
         if self.zip is not None:
             return hashlib.sha256(self.read(image)).hexdigest()
-        return file_sha256(self.root / image.source)
+        return file_digest(self.root / image.source)
 
     def close(self) -> None:
         if self.zip is not None:

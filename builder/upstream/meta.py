@@ -105,58 +105,70 @@ def iter_json_array(stream: IO[bytes], *, source: str, chunk: int = CHUNK) -> It
     Memory holds one chunk and the entry being parsed, however long the list. Bad JSON or bad UTF-8 is a
     DataError naming ``source`` and, where known, the entry.
     """
-    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
-    buf, pos, eof, consumed = "", 0, False, 0
-
-    def more() -> bool:
-        nonlocal buf, pos, eof, consumed
-        if eof:
-            return False
-        data = stream.read(chunk)
-        held = len(utf8.getstate()[0])  # bytes of a character the last chunk cut in two
-        try:
-            text = utf8.decode(data, final=not data)
-        except UnicodeDecodeError as e:
-            raise DataError(f"not valid UTF-8 at byte {consumed - held + e.start:,}: {e.reason}", file=source) from None
-        consumed += len(data)
-        eof = not data
-        buf, pos = buf[pos:] + text, 0
-        return True
-
-    def skip_space() -> str:
-        nonlocal pos
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n\ufeff":
-                pos += 1
-            if pos < len(buf) or not more():
-                return buf[pos] if pos < len(buf) else ""
-
-    if skip_space() != "[":
+    text, decoder = _ChunkedText(stream, source, chunk), json.JSONDecoder()
+    if text.skip_space() != "[":
         raise DataError("expected a JSON list of entries", file=source)
-    pos += 1
-    k = 0
-    if skip_space() == "]":
+    text.pos += 1
+    if text.skip_space() == "]":
         return
+    k = 0
     while True:
-        while True:
-            try:
-                value, end = decoder.raw_decode(buf, pos)
-                if end < len(buf) or eof:  # a value that ends with the buffer may go on in the next chunk
-                    break
-            except json.JSONDecodeError as e:
-                cut = e.pos >= len(buf) - 1 or e.msg.startswith("Unterminated")  # the entry goes on, or it is bad
-                if not cut or not more():
-                    raise DataError(f"not valid JSON: {e.msg} (entry {k})", file=source, row=k) from None
-                continue
-            more()
-        pos = end
-        yield k, value
+        yield k, text.value(decoder, k)
         k += 1
-        sep = skip_space()
+        sep = text.skip_space()
         if sep == "]":
             return
         if sep != ",":
             raise DataError(f"expected ',' or ']' after entry {k - 1}, got {sep!r}" if sep else
                             "the list is cut short (no closing ']')", file=source, row=k - 1 if sep else None)
-        pos += 1
-        skip_space()
+        text.pos += 1
+        text.skip_space()
+
+
+class _ChunkedText:
+    """A binary stream's text, decoded a chunk at a time: ``buf[pos:]`` is what is read and not parsed yet."""
+
+    def __init__(self, stream: IO[bytes], source: str, chunk: int):
+        self.stream, self.source, self.chunk = stream, source, chunk
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.buf, self.pos, self.eof, self.consumed = "", 0, False, 0
+
+    def more(self) -> bool:
+        """Read the next chunk onto the unparsed text; False at the end of the stream."""
+        if self.eof:
+            return False
+        data = self.stream.read(self.chunk)
+        held = len(self.utf8.getstate()[0])  # bytes of a character the last chunk cut in two
+        try:
+            text = self.utf8.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 at byte {self.consumed - held + e.start:,}: {e.reason}",
+                            file=self.source) from None
+        self.consumed += len(data)
+        self.eof = not data
+        self.buf, self.pos = self.buf[self.pos:] + text, 0
+        return True
+
+    def skip_space(self) -> str:
+        """Skip white space (reading on as needed); the next character, or "" at the end."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n\ufeff":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos] if self.pos < len(self.buf) else ""
+
+    def value(self, decoder: json.JSONDecoder, k: int) -> object:
+        """Parse entry ``k``, reading on while it may go on in the next chunk."""
+        while True:
+            try:
+                value, end = decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:  # a value that ends with the buffer may go on in the next chunk
+                    break
+            except json.JSONDecodeError as e:
+                cut = e.pos >= len(self.buf) - 1 or e.msg.startswith("Unterminated")  # the entry goes on, or it is bad
+                if not cut or not self.more():
+                    raise DataError(f"not valid JSON: {e.msg} (entry {k})", file=self.source, row=k) from None
+                continue
+            self.more()
+        self.pos = end
+        return value
