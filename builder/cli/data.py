@@ -51,7 +51,7 @@ class DataCommands:
           image_size: image side in pixels.
           texture: add photo-like noise (realistic JPEG sizes: ~45 kB at 384 px).
           taxonomy: a taxonomy YAML file of your own.
-          overwrite: replace an existing folder.
+          overwrite: replace a folder spa-vl wrote of the same kind (never one that is, holds or sits in an input).
           meta_in: upstream layout only: train/meta.json inside train.zip (zip) or as a file of the tree (tree).
         """
         from builder.dev.fixture import LAYOUTS, META_PLACES, write_fixture
@@ -95,7 +95,7 @@ class DataCommands:
           revision: Hub branch, tag or commit (with a repo id).
           class_map: CSV/JSON(L) with image_sha256 or image_name, and class1, class2, class3.
           taxonomy: a taxonomy YAML file of your own (if upstream labels differ from the shipped one).
-          overwrite: replace an existing folder.
+          overwrite: replace a folder spa-vl wrote of the same kind (never one that is, holds or sits in an input).
           meta: a meta.json file to take train labels from, instead of the one in SRC.
           match_bare_names: also label a row whose image_name is a file name found once in the image tree
             (mislabels on the real layout, where image_name is a meta.json index).

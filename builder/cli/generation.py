@@ -62,7 +62,7 @@ class GenerationCommands:
         Args:
           run_dir: a run directory written by `spa-vl generate`.
           out: the dataset folder to write (must be empty or absent unless --overwrite).
-          overwrite: replace an existing folder.
+          overwrite: replace a dataset folder spa-vl wrote (never one that is, holds or sits in the run directory).
           progress: show a progress bar.
         """
         from builder.generate import NothingToBuild, build
