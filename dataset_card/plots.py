@@ -14,7 +14,7 @@ _SPLIT_COLOURS = {"train": "#4c72b0", "validation": "#55a868", "harm": "#c44e52"
 _UNSAFE_COLOURS = {"question": "#8c8c8c", "chosen": "#55a868", "rejected": "#c44e52"}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -24,10 +24,10 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None}, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -52,7 +52,7 @@ def _grouped(keys: list[tuple[str, str]]) -> tuple[list[float], list[float], lis
 
 
 def _axes_for(keys: list[tuple[str, str]], row_height: float):
-    plt = _pyplot()
+    plt = pyplot()
     bars, ticks, labels, header = _grouped(keys)
     fig, ax = plt.subplots(figsize=(8, row_height * len(ticks) + 1.2))
     ax.set_yticks(ticks, labels)
@@ -75,7 +75,7 @@ def rows_per_category(keys: list[tuple[str, str]], counts: dict[str, list[int]])
     ax.set_xlabel("rows")
     ax.set_title("Rows per harm category, by domain")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def unsafe_rate_per_category(keys: list[tuple[str, str]], rates: dict[str, list[float]]) -> bytes:
@@ -89,4 +89,4 @@ def unsafe_rate_per_category(keys: list[tuple[str, str]], rates: dict[str, list[
     ax.set_xlim(0, 100)
     ax.set_title("Unsafe rate per harm category, by domain (train + validation)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4, frameon=False)
-    return _png(fig)
+    return png_bytes(fig)

@@ -124,13 +124,13 @@ def _cell_text(value) -> str:
 
 def agreement_plot(report: dict) -> bytes | None:
     """Agreement (ties left out) per category with its interval, and the overall figure as a line."""
-    from dataset_card.plots import _png, _pyplot  # the card's deterministic PNG settings
+    from dataset_card.plots import png_bytes, pyplot  # the card's deterministic PNG settings
 
     cats = [(k, s["without_ties"]["agreement"]) for k, s in report["judge_vs_people"]["by_category"].items()
             if s["without_ties"]["agreement"]["value"] is not None]
     if not cats:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(cats) + 1.4))
     values = [100 * e["value"] for _, e in cats]
     lows = [v - 100 * e["ci"][0] if e["ci"] else 0 for v, (_, e) in zip(values, cats)]
@@ -146,7 +146,7 @@ def agreement_plot(report: dict) -> bytes | None:
     ax.set_title("Human validation: agreement with the judge per category")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.32 * len(cats) + 1.4) - 0.12), ncol=2, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def write_report_files(review_dir: Path, report: dict) -> list[str]:
