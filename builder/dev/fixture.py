@@ -19,6 +19,7 @@ From 40 images (120 rows) per domain on, every one of the 53 class paths has tra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -196,16 +197,18 @@ def write_fixture(
     images_per_domain = math.ceil(rows_per_domain / len(QUESTION_TYPES))
     total = images_per_domain * len(taxonomy.domains) + 2 * eval_rows
     args = dict(seed=seed, size=image_size, texture=texture)
-    bar = tqdm(total=total, desc="fixture images", unit="img", disable=not progress, leave=False)
+    # made once the output folder is accepted: a refused command shows no bar
+    make_bar = functools.partial(tqdm, total=total, desc="fixture images", unit="img", disable=not progress, leave=False)
     if layout == "upstream":
-        return _write_upstream(Path(out), taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar,
-                               meta_in)
+        return _write_upstream(Path(out), taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes,
+                               make_bar, meta_in)
 
     build_config = {"source": "fixture", "rows_per_domain": rows_per_domain, "eval_rows": eval_rows,
                     "seed": seed, "image_size": image_size, "texture": texture, "taxonomy": taxonomy.sha256}
     card = {"title": "SPA-VL synthetic fixture", "synthetic": True}
     with DatasetFolderWriter(out, taxonomy=taxonomy, build_config=build_config, card=card, overwrite=overwrite,
                              max_shard_bytes=max_shard_bytes, finish=render_folder_card) as writer:
+        bar = make_bar()
         for slug in taxonomy.slugs:
             for img in _images(taxonomy, slug, images_per_domain, **args):
                 for row in preference_rows(img, f"{slug}_{img.n}.jpg"):
@@ -269,7 +272,7 @@ def upstream_readme(root: Path) -> str:
 META_MEMBER = "train/meta.json"  # in train.zip, or in the repo tree; its image paths are relative to its folder
 
 
-def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, bar,
+def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, overwrite, max_shard_bytes, make_bar,
                     meta_place: str = "zip") -> dict:
     """The sqrti/SPA-VL layout, as reference/spa_vl_facts.md §1-2 describe it.
 
@@ -284,6 +287,7 @@ def _write_upstream(out: Path, taxonomy, images_per_domain, eval_rows, args, ove
     - ``validation/``, ``test/harm-*``, ``test/help-*`` with their class columns.
     """
     prepare_output(out, kind="upstream-fixture", inputs=(taxonomy.source,), overwrite=overwrite)
+    bar = make_bar()
     try:
         with built_beside(out) as tmp:
             counts = _write_upstream_files(tmp, taxonomy, images_per_domain, eval_rows, args, max_shard_bytes, bar,
